@@ -1,0 +1,1 @@
+"""One module per `factorllm` subcommand; each has `add_arguments(parser)` and `run(args)`."""

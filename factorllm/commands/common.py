@@ -1,0 +1,31 @@
+"""Arguments several subcommands share."""
+from __future__ import annotations
+
+import argparse
+
+from ..factor_config import PARTITIONS, PRESETS, ROUTER_INITS
+from ..moe import GATES
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a Hugging Face "
+                        "Llama-family directory, or a factorized checkpoint directory")
+
+
+def add_factor_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("factorization")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="recommended settings (quality: ~50%% of FFN active, fast: ~25%%)")
+    g.add_argument("--experts", type=int, help="routed experts per layer (N)")
+    g.add_argument("--top-k", type=int, help="experts chosen per token (K, 1 <= K <= N)")
+    g.add_argument("--shared-experts", type=int, help="always-on expert-sized groups of neurons (S)")
+    g.add_argument("--partition", choices=PARTITIONS, help="how neurons are grouped into experts")
+    g.add_argument("--gate", choices=GATES, help="how the chosen experts' outputs are combined")
+    g.add_argument("--router-init", choices=ROUTER_INITS, help="router initialization")
+    g.add_argument("--seed", type=int, help="random seed for clustering, sampling and router init")
+    g.add_argument("--calib", help="calibration text file (default: text sampled from the model itself)")
+
+
+def factor_overrides(args: argparse.Namespace) -> dict:
+    return dict(experts=args.experts, top_k=args.top_k, shared_experts=args.shared_experts,
+                partition=args.partition, gate=args.gate, router_init=args.router_init, seed=args.seed)

@@ -1,0 +1,125 @@
+"""Turn a dense `Transformer` into a factorized one, layer by layer.
+
+For each layer: capture the FFN's input on calibration tokens, choose a partition of the
+intermediate neurons (contiguous, or balanced co-activation clusters), set aside the most
+important neurons as always-on shared experts, copy the weights into the stacked expert
+tensors of a `MoEFFN` in partition order (no value changes), and initialize its router.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .factor_config import FactorConfig
+from .model import GatedMLP, Transformer
+from .moe import MoEFFN
+from .partition import balanced_clusters, neuron_importance
+
+
+def install_empty_moe(model: Transformer, factor: FactorConfig) -> None:
+    """Replace every layer's FFN by an (uninitialized) MoEFFN of the checkpoint's shape."""
+    cfg = model.config
+    factor.validate(cfg.intermediate_size)
+    for i, layer in enumerate(model.layers):
+        layer.mlp = MoEFFN(cfg.hidden_size, factor.expert_size, factor.experts, factor.layer_top_k(i),
+                           shared_size=factor.shared_experts * factor.expert_size, act=cfg.hidden_act,
+                           gate=factor.gate)
+
+
+@torch.no_grad()
+def capture_ffn_inputs(model: Transformer, tokens: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+    """Each layer's FFN input (the post-attention norm's output) for `tokens` [B, T], as [B*T, H]."""
+    captured: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    hooks = [layer.mlp.register_forward_pre_hook(
+        lambda _m, args, i=i: captured[i].append(args[0].reshape(-1, args[0].shape[-1])))
+        for i, layer in enumerate(model.layers)]
+    try:
+        for b in range(0, tokens.shape[0], batch_size):
+            model(tokens[b:b + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(c) for c in captured]
+
+
+def neuron_activations(mlp: GatedMLP, x: torch.Tensor) -> torch.Tensor:
+    """act(gate(x)) * up(x): each intermediate neuron's activation, [T, I]."""
+    return mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+
+def expert_outputs(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """Every routed expert's output for every token, [N, T, H] (what the router should predict)."""
+    return torch.stack([moe.expert_forward(e, x) for e in range(moe.num_experts)])
+
+
+def choose_partition(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the shared neurons and a [N, E] table of each routed expert's neurons."""
+    I, E, S = mlp.gate_proj.out_features, factor.expert_size, factor.shared_experts
+    if factor.partition == "contiguous":
+        order = torch.arange(I)
+        return order[:S * E], order[S * E:].view(factor.experts, E)
+    acts = neuron_activations(mlp, x)
+    importance = neuron_importance(acts, mlp.down_proj.weight)
+    ranked = importance.argsort(descending=True)
+    shared, rest = ranked[:S * E].sort().values, ranked[S * E:]
+    groups = balanced_clusters(acts[:, rest].abs().T, factor.experts, seed=seed)
+    return shared, rest[groups]
+
+
+def init_router(moe: MoEFFN, x: torch.Tensor, how: str, seed: int) -> None:
+    """random: the paper's untrained start. centroid: each expert's mean gate row, scaled to
+    unit logit spread. lstsq: ridge regression of each expert's output norm on x (closed form)."""
+    w = moe.router.weight
+    if how == "random":
+        gen = torch.Generator().manual_seed(seed)
+        bound = 1 / w.shape[1] ** 0.5
+        w.copy_((torch.rand(w.shape, generator=gen) * 2 - 1) * bound)
+    elif how == "centroid":
+        c = moe.experts_gate.mean(1)
+        w.copy_(c / c.norm(dim=1, keepdim=True).clamp_min(1e-8) * (w.shape[1] ** 0.5 / x.norm(dim=1).mean()))
+    else:
+        norms = expert_outputs(moe, x).norm(dim=-1).T              # [T, N]
+        target = (norms - norms.mean(1, keepdim=True)) / norms.std(1, keepdim=True).clamp_min(1e-6)
+        xd = x.double()
+        gram = xd.T @ xd
+        ridge = 1e-3 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        sol = torch.linalg.solve(gram + ridge, xd.T @ target.double())  # [H, N]
+        w.copy_(sol.T.to(w.dtype) * 4.0)  # sharpen: standardized targets span a few units
+
+
+@torch.no_grad()
+def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer: int) -> MoEFFN:
+    shared, groups = choose_partition(mlp, x, factor, factor.seed + layer)
+    moe = MoEFFN(mlp.gate_proj.in_features, factor.expert_size, factor.experts, factor.layer_top_k(layer),
+                 shared_size=shared.numel(), act=mlp.act_name, gate=factor.gate).to(x.dtype)
+    g, u, d = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    moe.experts_gate.copy_(g[groups])
+    moe.experts_up.copy_(u[groups])
+    moe.experts_down.copy_(d[:, groups].permute(1, 0, 2))
+    if moe.shared is not None:
+        moe.shared.gate_proj.weight.copy_(g[shared])
+        moe.shared.up_proj.weight.copy_(u[shared])
+        moe.shared.down_proj.weight.copy_(d[:, shared])
+    init_router(moe, x, factor.router_init, factor.seed + layer)
+    moe.reset_stats()
+    return moe
+
+
+@torch.no_grad()
+def factorize(model: Transformer, factor: FactorConfig, calib_tokens: torch.Tensor | None) -> Transformer:
+    """Factorize `model` in place. Calibration tokens are needed unless the partition is
+    contiguous and the router random."""
+    factor.validate(model.config.intermediate_size)
+    needs_data = factor.partition != "contiguous" or factor.router_init != "random"
+    inputs = capture_ffn_inputs(model, calib_tokens) if needs_data else None
+    for i, layer in enumerate(tqdm(model.layers, desc="factorizing", unit="layer")):
+        x = inputs[i].float() if inputs is not None else torch.empty(0, model.config.hidden_size)
+        layer.mlp = factorize_layer(layer.mlp.float(), x, factor, i).to(layer.input_layernorm.weight.dtype)
+        if inputs is not None:
+            inputs[i] = None  # free as we go
+    return model
+
+
+def moe_layers(model: nn.Module) -> list[MoEFFN]:
+    return [m for m in model.modules() if isinstance(m, MoEFFN)]

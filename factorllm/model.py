@@ -1,0 +1,233 @@
+"""A Llama-family decoder (Llama, Mistral, SmolLM, TinyLlama, Qwen2/3, Gemma) in one small file.
+
+Parameter names follow Hugging Face's checkpoints, so a model's safetensors load into it
+as they are. Each layer's FFN is either the dense `GatedMLP` or a `MoEFFN` (see moe.py).
+The forward pass optionally reads and writes a slot-based KV cache (see kv_cache.py) so
+that the engine can batch sequences of different lengths and positions in one call.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture fields the forward pass needs, read from a Hugging Face config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def is_gemma(self) -> bool:
+        return self.model_type == "gemma"
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        model_type = hf.get("model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported architecture {model_type!r}: supported model types are {', '.join(SUPPORTED_MODEL_TYPES)}")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = None
+        eos = hf.get("eos_token_id")
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma")),
+            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            qk_norm=model_type == "qwen3",
+            hidden_act=hf.get("hidden_activation") or hf.get("hidden_act", "silu"),
+            model_type=model_type,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def activation(name: str):
+    if name in ("silu", "swish"):
+        return F.silu
+    if name.startswith("gelu"):
+        return lambda x: F.gelu(x, approximate="tanh" if "tanh" in name else "none")
+    raise ValueError(f"unsupported MLP activation {name!r}")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.offset = offset  # Gemma stores (weight - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (self.weight.float() + self.offset)).to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """The dense SwiGLU/GeGLU FFN: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act_name = act
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s and s.get("rope_type", s.get("type")) == "llama3":
+        # Llama 3.1 frequency-dependent scaling of long wavelengths.
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((old / wavelen) - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif s and s.get("rope_type", s.get("type")) == "linear":
+        inv = inv / s["factor"]
+    elif s:
+        raise ValueError(f"unsupported rope scaling {s}")
+    return inv.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, D]; cos/sin [B, T, D/2] (half-split layout, as in HF Llama)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_attention_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer: int = 0, batch=None):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, batch, k, v)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=mask is None, enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        offset = 1.0 if cfg.is_gemma else 0.0
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset)
+        self.mlp: nn.Module = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer: int = 0, batch=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, 1.0 if cfg.is_gemma else 0.0)
+
+
+class Transformer(nn.Module):
+    """Causal LM. `forward(tokens)` runs full causal attention; with `cache` and `batch`
+    (a `CacheBatch`: slot and start position per row) it attends over cached keys too."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache=None, batch=None) -> torch.Tensor:
+        """Final normalized hidden states [B, T, H]."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = batch.positions if batch is not None else torch.arange(T, device=tokens.device).expand(B, T)
+        freqs = positions[..., None].float() * self.inv_freq
+        cos, sin = freqs.cos(), freqs.sin()
+        mask = None if cache is None else batch.attention_mask(T)
+        x = self.model.embed_tokens(tokens)
+        if self.config.is_gemma:
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i, batch)
+        return self.model.norm(x)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache=None, batch=None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(tokens, positions, cache, batch))

@@ -1,0 +1,155 @@
+"""The factorized FFN: N experts cut from a dense gated MLP, a linear router, top-k dispatch.
+
+Expert e owns E = intermediate/N neurons: rows of gate_proj/up_proj and columns of down_proj.
+Weights are stacked per layer as `experts_gate [N, E, H]`, `experts_up [N, E, H]` and
+`experts_down [N, H, E]` (ready for grouped kernels and export). Optional shared neurons form
+an always-on dense `GatedMLP`.
+
+Gates (a documented choice, all exact at K = N):
+  * "sum":    y = sum of the K chosen experts (scale 1). Default: unchosen experts contribute
+              little, so scaling up the chosen ones only amplifies their error.
+  * "scaled": y = N/K * sum of the K chosen experts (the paper's released code).
+  * "weighted": y = sum_i K * p_i / sum_topk(p) * E_i(x), renormalized router probabilities,
+              scaled so the weights average 1; exact at K = N only when routing is uniform.
+In training, the hard gates carry a straight-through term (value 1, gradient of p) so that
+end-to-end distillation can update the router too.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import GatedMLP, activation
+
+GATES = ("sum", "scaled", "weighted")
+
+
+class MoEFFN(nn.Module):
+    def __init__(self, hidden: int, expert_size: int, num_experts: int, top_k: int,
+                 shared_size: int = 0, act: str = "silu", gate: str = "sum"):
+        super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+        self.num_experts, self.top_k, self.gate = num_experts, top_k, gate
+        self.act_name = act
+        self.act = activation(act)
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.experts_gate = nn.Parameter(torch.empty(num_experts, expert_size, hidden))
+        self.experts_up = nn.Parameter(torch.empty(num_experts, expert_size, hidden))
+        self.experts_down = nn.Parameter(torch.empty(num_experts, hidden, expert_size))
+        self.shared = GatedMLP(hidden, shared_size, act) if shared_size else None
+        # Largest token count for which gathering expert weights beats grouping (see tune_dispatch).
+        self.gather_max_tokens = 0
+        self.collect_stats = True
+        self.time_experts = False
+        self.reset_stats()
+
+    @property
+    def expert_size(self) -> int:
+        return self.experts_gate.shape[1]
+
+    def reset_stats(self) -> None:
+        device = self.router.weight.device
+        self.token_counts = torch.zeros(self.num_experts, dtype=torch.long, device=device)
+        self.entropy_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.routed_tokens = 0
+        self.expert_seconds = [0.0] * self.num_experts
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits [T, N], chosen experts [T, K] and their gate weights [T, K]."""
+        logits = self.router(x)
+        probs = logits.float().softmax(-1)
+        top_p, idx = probs.topk(self.top_k, dim=-1)
+        if self.gate == "weighted":
+            weights = self.top_k * top_p / top_p.sum(-1, keepdim=True)
+        else:
+            scale = self.num_experts / self.top_k if self.gate == "scaled" else 1.0
+            weights = torch.full_like(top_p, scale)
+            if self.training:
+                weights = weights * (1 + top_p - top_p.detach())
+        if self.collect_stats and not self.training:
+            self.token_counts += torch.bincount(idx.flatten(), minlength=self.num_experts)
+            self.entropy_sum += -(probs * probs.clamp_min(1e-12).log()).sum().double()
+            self.routed_tokens += x.shape[0]
+        return logits, idx, weights.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        _, idx, weights = self.route(flat)
+        if flat.shape[0] <= self.gather_max_tokens:
+            out = self.gathered(flat, idx, weights)
+        else:
+            out = self.grouped(flat, idx, weights)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(shape)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(F.linear(x, self.experts_gate[e])) * F.linear(x, self.experts_up[e])
+        return F.linear(h, self.experts_down[e])
+
+    def grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sort (token, expert) pairs by expert; one matmul chain per expert that has tokens."""
+        K = self.top_k
+        flat_idx = idx.flatten()
+        order = flat_idx.argsort(stable=True)
+        counts = torch.bincount(flat_idx, minlength=self.num_experts).tolist()
+        token_of = order // K
+        xs = x[token_of]
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            t0 = time.perf_counter() if self.time_experts else 0.0
+            ys[start:start + n] = self.expert_forward(e, xs[start:start + n])
+            if self.time_experts:
+                self.expert_seconds[e] += time.perf_counter() - t0
+            start += n
+        ys = ys * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+    def gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Gather each token's K experts' weights (gpt-fast style): best for a few tokens."""
+        h = self.act(torch.einsum("th,tkeh->tke", x, self.experts_gate[idx]))
+        h = h * torch.einsum("th,tkeh->tke", x, self.experts_up[idx])
+        y = torch.einsum("tke,tkhe->tkh", h, self.experts_down[idx])
+        return (y * weights[..., None]).sum(1)
+
+    @torch.no_grad()
+    def tune_dispatch(self, candidates=(1, 2, 4, 8, 16, 32), repeats: int = 5) -> int:
+        """Measure both dispatch paths per token count; keep the largest count where gathering wins."""
+        best = 0
+        p = self.experts_gate
+        for n in candidates:
+            x = torch.randn(n, p.shape[-1], dtype=p.dtype, device=p.device)
+            _, idx, w = self.route(x)
+            t = {}
+            for name, fn in (("gathered", self.gathered), ("grouped", self.grouped)):
+                fn(x, idx, w)
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    fn(x, idx, w)
+                    if p.is_cuda:
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                t[name] = sorted(times)[repeats // 2]
+            if t["gathered"] < t["grouped"]:
+                best = n
+            else:
+                break
+        self.gather_max_tokens = best
+        self.reset_stats()
+        return best
+
+    def extra_repr(self) -> str:
+        shared = self.shared.gate_proj.out_features if self.shared is not None else 0
+        return (f"experts={self.num_experts}, expert_size={self.expert_size}, top_k={self.top_k}, "
+                f"shared={shared}, gate={self.gate}")

@@ -1,0 +1,61 @@
+"""From a model source and a factorization recipe to a loaded factorized model, with caching."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+from .calibration import calibration_tokens
+from .checkpoint import save_checkpoint
+from .errors import SourceError
+from .factor_config import PRESETS, FactorConfig
+from .factorize import factorize
+from .loading import LoadedModel, cache_dir, load_model, resolve_dense_dir
+
+log = logging.getLogger(__name__)
+
+
+def factor_config_from(preset: str | None, **overrides) -> FactorConfig:
+    """A preset's settings with explicit (non-None) overrides applied."""
+    if preset is not None and preset not in PRESETS:
+        raise SourceError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+    settings = dict(PRESETS[preset]) if preset else {}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if "experts" not in settings or "top_k" not in settings:
+        raise SourceError("give --preset, or both --experts and --top-k")
+    return FactorConfig(**settings)
+
+
+def factorize_source(source: str | None, factor: FactorConfig, calib_file: str | None = None,
+                     calib_seqs: int = 16, calib_len: int = 256) -> LoadedModel:
+    """Load a dense source and factorize it in memory (calibration text sampled if none given)."""
+    loaded = load_model(source)
+    if loaded.factor is not None:
+        raise SourceError(f"{source} is already factorized")
+    factor.base = loaded.source
+    factor.calib = calib_file or "self-generated"
+    factor.validate(loaded.model.config.intermediate_size)
+    needs_data = factor.partition != "contiguous" or factor.router_init != "random"
+    t0 = time.perf_counter()
+    calib = calibration_tokens(loaded.model, loaded.tokenizer, calib_file, calib_seqs, calib_len,
+                               factor.seed) if needs_data else None
+    factorize(loaded.model, factor, calib)
+    log.info("factorized %s (%d experts, top-%d) in %.1f s", loaded.name, factor.experts, factor.top_k,
+             time.perf_counter() - t0)
+    loaded.factor = factor
+    return loaded
+
+
+def cached_factorized(source: str | None, factor: FactorConfig, calib_file: str | None = None) -> LoadedModel:
+    """Factorize once per (source, recipe) and reuse the saved checkpoint afterwards."""
+    dense_dir, name = resolve_dense_dir(source)
+    recipe = {k: v for k, v in factor.to_dict().items() if k not in ("base", "calib", "intermediate_size", "name")}
+    key = json.dumps([str(Path(dense_dir).resolve()), recipe, calib_file], sort_keys=True)
+    out = cache_dir() / "factorized" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+    if not (out / "config.json").is_file():
+        loaded = factorize_source(source, factor, calib_file)
+        save_checkpoint(loaded, factor, out)
+        log.info("saved factorized checkpoint to %s", out)
+    return load_model(str(out))
