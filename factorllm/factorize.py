@@ -3,7 +3,9 @@
 For each layer: capture the FFN's input on calibration tokens, choose a partition of the
 intermediate neurons (contiguous, or balanced co-activation clusters), set aside the most
 important neurons as always-on shared experts, copy the weights into the stacked expert
-tensors of a `MoEFFN` in partition order (no value changes), and initialize its router.
+tensors of a `MoEFFN` in partition order (no value changes), and initialize its router;
+optionally train the router on PAR pseudo-labels (router_training.py) and refit the down
+projections in closed form (distill.refit_down), both against the dense FFN on the same inputs.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from tqdm import tqdm
 from .factor_config import FactorConfig
 from .model import GatedMLP, Transformer
 from .moe import MoEFFN
+from .distill import refit_down
 from .partition import balanced_clusters, neuron_importance
+from .router_training import compute_labels, expert_outputs, train_router
 
 
 def install_empty_moe(model: Transformer, factor: FactorConfig) -> None:
@@ -46,11 +50,6 @@ def capture_ffn_inputs(model: Transformer, tokens: torch.Tensor, batch_size: int
 def neuron_activations(mlp: GatedMLP, x: torch.Tensor) -> torch.Tensor:
     """act(gate(x)) * up(x): each intermediate neuron's activation, [T, I]."""
     return mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x)
-
-
-def expert_outputs(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
-    """Every routed expert's output for every token, [N, T, H] (what the router should predict)."""
-    return torch.stack([moe.expert_forward(e, x) for e in range(moe.num_experts)])
 
 
 def choose_partition(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,10 +88,12 @@ def init_router(moe: MoEFFN, x: torch.Tensor, how: str, seed: int) -> None:
 
 
 @torch.no_grad()
-def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer: int) -> MoEFFN:
+def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer: int,
+                    stats: dict | None = None) -> MoEFFN:
+    """The MoE replacing `mlp`, built on its inputs x [T, H]; per-step statistics go to `stats`."""
     shared, groups = choose_partition(mlp, x, factor, factor.seed + layer)
     moe = MoEFFN(mlp.gate_proj.in_features, factor.expert_size, factor.experts, factor.layer_top_k(layer),
-                 shared_size=shared.numel(), act=mlp.act_name, gate=factor.gate).to(x.dtype)
+                 shared_size=shared.numel(), act=mlp.act_name, gate=factor.gate).to(x)
     g, u, d = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     moe.experts_gate.copy_(g[groups])
     moe.experts_up.copy_(u[groups])
@@ -102,8 +103,20 @@ def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer:
         moe.shared.up_proj.weight.copy_(u[shared])
         moe.shared.down_proj.weight.copy_(d[:, shared])
     init_router(moe, x, factor.router_init, factor.seed + layer)
+    if factor.router_label or factor.refit:
+        dense_out = mlp(x)
+    if factor.router_label:
+        labels = compute_labels(moe, x, dense_out, factor.router_label)
+        with torch.enable_grad():
+            par = train_router(moe, x, labels, steps=factor.router_steps, seed=factor.seed + layer)
+        if stats is not None:
+            stats.setdefault("par", []).append(par)
+    if factor.refit:
+        fit = refit_down(moe, x, dense_out)
+        if stats is not None:
+            stats.setdefault("refit", []).append(fit)
     moe.reset_stats()
-    return moe
+    return moe.train(mlp.training)
 
 
 @torch.no_grad()
@@ -111,14 +124,27 @@ def factorize(model: Transformer, factor: FactorConfig, calib_tokens: torch.Tens
     """Factorize `model` in place. Calibration tokens are needed unless the partition is
     contiguous and the router random."""
     factor.validate(model.config.intermediate_size)
-    needs_data = factor.partition != "contiguous" or factor.router_init != "random"
-    inputs = capture_ffn_inputs(model, calib_tokens) if needs_data else None
+    inputs = capture_ffn_inputs(model, calib_tokens) if factor.needs_calibration else None
+    stats: dict = {}
     for i, layer in enumerate(tqdm(model.layers, desc="factorizing", unit="layer")):
         x = inputs[i].float() if inputs is not None else torch.empty(0, model.config.hidden_size)
-        layer.mlp = factorize_layer(layer.mlp.float(), x, factor, i).to(layer.input_layernorm.weight.dtype)
+        layer.mlp = factorize_layer(layer.mlp.float(), x, factor, i, stats).to(layer.input_layernorm.weight)
         if inputs is not None:
             inputs[i] = None  # free as we go
+    factor.trained.update(summarize_stats(stats, factor))
     return model
+
+
+def summarize_stats(stats: dict, factor: FactorConfig | None) -> dict:
+    """Layer means of the router-training and refit statistics, for the checkpoint's provenance."""
+    out = {}
+    if "par" in stats:
+        out["par"] = {k: sum(s[k] for s in stats["par"]) / len(stats["par"]) for k in stats["par"][0]}
+        if factor is not None:
+            out["par"].update(label=factor.router_label, steps=factor.router_steps)
+    if "refit" in stats:
+        out["refit"] = {k: sum(s[k] for s in stats["refit"]) / len(stats["refit"]) for k in stats["refit"][0]}
+    return out
 
 
 def moe_layers(model: nn.Module) -> list[MoEFFN]:

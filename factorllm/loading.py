@@ -127,7 +127,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            state.update(load_file(f))
+            # Clone into freshly allocated (aligned) memory: some CPU kernels round differently
+            # on the unaligned buffers safetensors returns, and a reload must be bit-identical.
+            state.update((k, v.clone()) for k, v in load_file(f).items())
         except (SafetensorError, OSError, ValueError) as e:
             raise SourceError(f"corrupt weights in {f}: {e}") from None
     return state
@@ -146,30 +148,36 @@ def build_model(hf_config: dict, factor: FactorConfig | None) -> Transformer:
     return model
 
 
+def load_transformer(path: Path, hf_config: dict, factor: FactorConfig | None = None) -> Transformer:
+    """Build the model a config describes and fill it with the directory's safetensors weights."""
+    model = build_model(hf_config, factor)
+    state = read_weights(path)
+    tied = model.config.tie_word_embeddings
+    if tied:
+        state.pop("lm_head.weight", None)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise SourceError(f"weights in {path} do not match its config: {str(e).splitlines()[0]}") from None
+    missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
+    if missing:
+        raise SourceError(f"weights in {path} lack {len(missing)} tensors, e.g. {missing[0]}")
+    if unexpected and not all(k.endswith("rotary_emb.inv_freq") for k in unexpected):
+        raise SourceError(f"weights in {path} have unexpected tensors, e.g. {unexpected[0]}")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(model.config)  # buffers built on meta hold no data
+    return model.eval()
+
+
 def load_model(source: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
     """Load any supported source onto `device` in `dtype`."""
     path, name = resolve_dense_dir(source)
     hf_config = read_config(path)
     factor = FactorConfig.from_dict(hf_config["factorllm"]) if "factorllm" in hf_config else None
     if factor is not None:
-        name = hf_config.get("factorllm", {}).get("name") or name
-    model = build_model(hf_config, factor)
-    state = read_weights(path)
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:
-        raise SourceError(f"weights in {path} do not match its config: {str(e).splitlines()[0]}") from None
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-    if missing:
-        raise SourceError(f"weights in {path} lack {len(missing)} tensors, e.g. {missing[0]}")
-    if unexpected and not all(k.endswith("rotary_emb.inv_freq") for k in unexpected):
-        raise SourceError(f"weights in {path} have unexpected tensors, e.g. {unexpected[0]}")
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(model.config)  # buffers built on meta hold no data
-    model = model.to(device=device, dtype=dtype).eval()
+        name = factor.name or name
+    model = load_transformer(path, hf_config, factor).to(device=device, dtype=dtype)
     for layer in model.layers:
         if hasattr(layer.mlp, "reset_stats"):
             layer.mlp.reset_stats()

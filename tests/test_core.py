@@ -1,0 +1,201 @@
+"""Core library: exact factorization, partitions, checkpoints, loading and CLI errors."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from factorllm.checkpoint import save_checkpoint
+from factorllm.factor_config import FactorConfig
+from factorllm.factorize import choose_partition, factorize, moe_layers
+from factorllm.loading import load_model, load_transformer, read_config
+from factorllm.partition import balanced_clusters
+
+SLICE_LAYERS = 6
+
+
+def sliced(loaded, layers=SLICE_LAYERS):
+    """A copy of the real model keeping its first `layers` layers (fast, same weights)."""
+    out = copy.copy(loaded)
+    out.model = copy.deepcopy(loaded.model)
+    out.model.model.layers = out.model.model.layers[:layers]
+    return out
+
+
+@pytest.fixture(scope="module")
+def dense_slice(default_model):
+    return sliced(default_model)
+
+
+@pytest.mark.parametrize("partition", ["contiguous", "cluster"])
+@pytest.mark.parametrize("gate", ["sum", "scaled", "weighted"])
+@pytest.mark.parametrize("shared", [0, 2])
+def test_all_experts_reproduce_dense(dense_slice, sample_tokens, partition, gate, shared):
+    n = 16 - shared  # 16 groups of 96 neurons
+    factor = FactorConfig(experts=n, top_k=n, partition=partition, shared_experts=shared, gate=gate,
+                          router_init="lstsq")
+    moe = sliced(dense_slice)
+    factorize(moe.model, factor, sample_tokens)
+    if gate == "weighted":
+        # The weighted gate is exact at K = N only under uniform routing.
+        for m in moe_layers(moe.model):
+            m.router.weight.data.zero_()
+    with torch.no_grad():
+        want = dense_slice.model(sample_tokens)
+        got = moe.model(sample_tokens)
+    assert (got - want).abs().max().item() <= 1e-3
+
+
+def test_top_k_below_n_changes_output_and_counts_tokens(dense_slice, sample_tokens):
+    moe = sliced(dense_slice)
+    factorize(moe.model, FactorConfig(experts=8, top_k=2, partition="cluster"), sample_tokens)
+    with torch.no_grad():
+        diff = (moe.model(sample_tokens) - dense_slice.model(sample_tokens)).abs().max().item()
+    assert diff > 1e-2
+    for m in moe_layers(moe.model):
+        assert m.token_counts.sum().item() == sample_tokens.numel() * 2
+        assert m.routed_tokens == sample_tokens.numel()
+
+
+@pytest.mark.parametrize("shared", [0, 3])
+def test_cluster_partition_is_a_balanced_permutation(dense_slice, sample_tokens, shared):
+    from factorllm.factorize import capture_ffn_inputs
+    x = capture_ffn_inputs(dense_slice.model, sample_tokens)[2]
+    mlp = dense_slice.model.layers[2].mlp
+    factor = FactorConfig(experts=16 - shared, top_k=2, partition="cluster", shared_experts=shared)
+    factor.validate(mlp.gate_proj.out_features)
+    shared_idx, groups = choose_partition(mlp, x, factor, seed=0)
+    assert groups.shape == (16 - shared, 96) and shared_idx.numel() == 96 * shared
+    everything = torch.cat([shared_idx, groups.flatten()])
+    assert torch.equal(everything.sort().values, torch.arange(1536))
+
+
+def test_balanced_clusters_equal_sizes_and_grouping():
+    # Two obvious groups of points: balanced k-means must keep them apart.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.tensor([1.0, 0.0, 0.0]) + 0.05 * torch.randn(10, 3, generator=gen)
+    b = torch.tensor([0.0, 0.0, 1.0]) + 0.05 * torch.randn(10, 3, generator=gen)
+    groups = balanced_clusters(torch.cat([a, b]), 2)
+    assert groups.shape == (2, 10)
+    assert sorted(sorted(g.tolist()) for g in groups) == [list(range(10)), list(range(10, 20))]
+
+
+def test_save_load_round_trip(default_model, sample_tokens, tmp_path):
+    loaded = copy.copy(default_model)
+    loaded.model = copy.deepcopy(default_model.model)
+    factor = FactorConfig(experts=8, top_k=2, partition="contiguous", router_init="random", shared_experts=0)
+    factorize(loaded.model, factor, None)
+    out = save_checkpoint(loaded, factor, tmp_path / "ckpt")
+    config = json.loads((out / "config.json").read_text())
+    assert config["factorllm"]["experts"] == 8 and config["model_type"] == "llama"
+    assert not list(out.glob("*.bin"))
+    again = load_model(str(out))
+    assert again.factor.experts == 8 and again.factor.top_k == 2
+    with torch.no_grad():
+        assert torch.equal(loaded.model(sample_tokens), again.model(sample_tokens))
+
+
+HF_FAMILIES = {
+    "qwen2": dict(model_type="qwen2"),
+    "qwen3": dict(model_type="qwen3", head_dim=16),
+    "mistral": dict(model_type="mistral"),
+    "gemma": dict(model_type="gemma", head_dim=16, hidden_act="gelu_pytorch_tanh",
+                  hidden_activation="gelu_pytorch_tanh"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(HF_FAMILIES))
+def test_other_llama_family_directories_match_transformers(family, tmp_path):
+    """A small randomly initialized model of each family, saved by transformers, loads into our
+    Transformer with the same logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kw = dict(HF_FAMILIES[family])
+    config = AutoConfig.for_model(kw.pop("model_type"), vocab_size=128, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128, **kw)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_transformer(tmp_path, read_config(tmp_path))
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model(tokens) - hf(tokens).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "factorllm.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def assert_clean_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [ln for ln in result.stderr.strip().splitlines() if "error" in ln.lower()]
+    assert len(lines) == 1, result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def make_model_dir(path, default_model, **config_changes):
+    path.mkdir()
+    config = dict(default_model.hf_config)
+    config.update(config_changes)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_bad_sources_fail_cleanly(tmp_path, default_model):
+    assert_clean_error(run_cli("info", "--model", str(tmp_path / "missing")), "not found")
+
+    gpt2 = make_model_dir(tmp_path / "gpt2", default_model, model_type="gpt2")
+    assert_clean_error(run_cli("factorize", "--model", str(gpt2), "--experts", "8", "--top-k", "2",
+                               "--out", str(tmp_path / "o")), "unsupported architecture")
+
+    pickled = make_model_dir(tmp_path / "pickled", default_model)
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    assert_clean_error(run_cli("factorize", "--model", str(pickled), "--experts", "8", "--top-k", "2",
+                               "--partition", "contiguous", "--router-init", "random",
+                               "--out", str(tmp_path / "o")), "pickle")
+
+    corrupt = make_model_dir(tmp_path / "corrupt", default_model)
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    assert_clean_error(run_cli("factorize", "--model", str(corrupt), "--experts", "8", "--top-k", "2",
+                               "--partition", "contiguous", "--router-init", "random",
+                               "--out", str(tmp_path / "o")), "corrupt")
+
+    not_gguf = tmp_path / "weights.txt"
+    not_gguf.write_text("hello")
+    assert_clean_error(run_cli("info", "--model", str(not_gguf)), "unsupported model file")
+
+
+def test_bad_factorization_arguments_fail_cleanly():
+    assert_clean_error(run_cli("info", "--experts", "7", "--top-k", "2"), "must divide", "allowed --experts")
+    assert_clean_error(run_cli("info", "--experts", "8", "--top-k", "9"), "1 <= K <= N")
+    assert_clean_error(run_cli("info", "--experts", "8"), "--top-k")
+
+
+def test_info_reports_active_fraction_and_flops():
+    r = run_cli("info", "--experts", "8", "--top-k", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["active_ffn_fraction"] == 0.25 and s["layers"] == 30
+    f = s["flops_per_token"]
+    assert f["ffn_active"] == f["ffn_dense"] // 4
+    assert s["params_active"] < s["params_total"]
+
+
+def test_factorize_command_writes_a_loadable_checkpoint(tmp_path, default_model):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(["The quick brown fox jumps over the lazy dog while the farmer watches."] * 60))
+    out = tmp_path / "ckpt"
+    r = run_cli("factorize", "--experts", "8", "--top-k", "4", "--partition", "cluster", "--calib", str(calib),
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "active FFN 50.0%" in r.stdout
+    info = run_cli("info", "--model", str(out), "--json")
+    assert json.loads(info.stdout)["experts"] == 8
