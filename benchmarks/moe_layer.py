@@ -1,0 +1,91 @@
+"""Dense FFN vs factorized MoE layer, side by side in one run.
+
+For each token count and (N, K): median time of the dense FFN and of the MoE layer (each
+dispatch path, and the one `tune_dispatch` picks), the speed-up over dense and its fraction of
+the FLOP bound (N / K for routed experts, ignoring the router). Prints a table, writes JSON.
+
+    python benchmarks/moe_layer.py [--tokens 1 8 64 512] [--configs 8x2 16x4 32x8] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from factorllm.factor_config import FactorConfig
+from factorllm.factorize import factorize_layer
+from factorllm.model import GatedMLP
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def real_ffn(layer: int) -> GatedMLP:
+    from factorllm.loading import load_model
+    return load_model("default").model.layers[layer].mlp
+
+
+@torch.no_grad()
+def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: int) -> list[dict]:
+    dense = real_ffn(layer)
+    hidden = dense.gate_proj.in_features
+    rows = []
+    for n, k in configs:
+        factor = FactorConfig(experts=n, top_k=k, partition="contiguous", router_init="random")
+        factor.validate(dense.gate_proj.out_features)
+        moe = factorize_layer(dense, torch.empty(0, hidden), factor, layer).eval()
+        moe.collect_stats = False
+        threshold = moe.tune_dispatch()
+        for t in tokens:
+            x = torch.randn(t, hidden)
+            _, idx, w = moe.route(x)
+            t_dense = median_time(lambda: dense(x), repeats)
+            t_grouped = median_time(lambda: moe.grouped(x, idx, w), repeats)
+            t_gathered = median_time(lambda: moe.gathered(x, idx, w), repeats)
+            t_moe = median_time(lambda: moe(x), repeats)
+            bound = n / k
+            rows.append(dict(tokens=t, experts=n, top_k=k, dense_ms=t_dense * 1e3, moe_ms=t_moe * 1e3,
+                             grouped_ms=t_grouped * 1e3, gathered_ms=t_gathered * 1e3,
+                             path="gathered" if t <= threshold else "grouped",
+                             speedup=t_dense / t_moe, flop_bound=bound, fraction_of_bound=t_dense / t_moe / bound))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512])
+    p.add_argument("--configs", nargs="+", default=["8x2", "16x4", "16x8", "32x8"], help="NxK pairs")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--layer", type=int, default=10, help="which real layer of the default model to split")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="benchmarks/out/moe_layer.json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs]
+    rows = run(args.tokens, configs, args.repeats, args.layer)
+    print(f"{'tokens':>6} {'N':>3} {'K':>3} {'dense ms':>9} {'moe ms':>8} {'grouped':>8} {'gathered':>8} "
+          f"{'path':>8} {'speedup':>8} {'bound':>6} {'of bound':>8}")
+    for r in rows:
+        print(f"{r['tokens']:>6} {r['experts']:>3} {r['top_k']:>3} {r['dense_ms']:>9.3f} {r['moe_ms']:>8.3f} "
+              f"{r['grouped_ms']:>8.3f} {r['gathered_ms']:>8.3f} {r['path']:>8} {r['speedup']:>7.2f}x "
+              f"{r['flop_bound']:>5.1f}x {r['fraction_of_bound']:>8.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
