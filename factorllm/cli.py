@@ -9,8 +9,12 @@ import sys
 from .errors import FactorLLMError
 
 SUBCOMMANDS = {
+    "serve": "server.cli",
     "info": "factorllm.commands.info",
     "factorize": "factorllm.commands.factorize",
+    "export": "factorllm.commands.export",
+    "train": "factorllm.commands.train",
+    "eval": "factorllm.commands.eval",
 }
 
 

@@ -7,6 +7,7 @@ from .errors import UsageError
 
 PARTITIONS = ("contiguous", "cluster")
 ROUTER_INITS = ("random", "centroid", "lstsq")
+ROUTER_LABELS = ("paper", "greedy", "mass")
 
 # Recommended configurations (see docs/results.md): ~50% and ~25% of the FFN active.
 PRESETS = {
@@ -26,6 +27,9 @@ class FactorConfig:
     shared_experts: int = 0
     gate: str = "sum"
     router_init: str = "lstsq"
+    router_label: str | None = None  # PAR router training on this pseudo-label (router_training.py)
+    router_steps: int = 200
+    refit: bool = False              # closed-form refit of the down projections (distill.refit_down)
     base: str = "default"
     calib: str = "self-generated"
     seed: int = 0
@@ -37,6 +41,11 @@ class FactorConfig:
     @property
     def expert_size(self) -> int:
         return self.intermediate_size // (self.experts + self.shared_experts)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return (self.partition != "contiguous" or self.router_init != "random" or self.router_label is not None
+                or self.refit)
 
     def layer_top_k(self, layer: int) -> int:
         return self.top_k_per_layer[layer] if self.top_k_per_layer else self.top_k
@@ -63,6 +72,8 @@ class FactorConfig:
             raise UsageError(f"--partition must be one of {', '.join(PARTITIONS)}")
         if self.router_init not in ROUTER_INITS:
             raise UsageError(f"--router-init must be one of {', '.join(ROUTER_INITS)}")
+        if self.router_label is not None and self.router_label not in ROUTER_LABELS:
+            raise UsageError(f"--router-label must be one of {', '.join(ROUTER_LABELS)}")
         self.intermediate_size = intermediate_size
         return self
 

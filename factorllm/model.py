@@ -165,11 +165,14 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal = mask is None
         if cache is not None:
             k, v = cache.update(layer, batch, k, v)
+            # A cached batch says itself whether it needs a causal mask (None: all keys visible).
+            causal = mask is None and getattr(batch, "is_causal", True)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            is_causal=mask is None, enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads)
+            is_causal=causal, enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -47,6 +47,9 @@ class MoEFFN(nn.Module):
         self.gather_max_tokens = 0
         self.collect_stats = True
         self.time_experts = False
+        # Engine hook: keep the last forward's expert choices (per-request routing traces).
+        self.record_routing = False
+        self.last_idx: torch.Tensor | None = None
         self.reset_stats()
 
     @property
@@ -59,6 +62,18 @@ class MoEFFN(nn.Module):
         self.entropy_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.routed_tokens = 0
         self.expert_seconds = [0.0] * self.num_experts
+        self.expert_events: list = []  # CUDA: (expert, start, end) events, resolved later
+
+    def collect_expert_seconds(self) -> list[float] | None:
+        """Seconds per expert since the last call (None if nothing was timed); resets. On CUDA
+        this waits for the timed kernels, so the engine only times every Nth step."""
+        for e, start, end in self.expert_events:
+            end.synchronize()
+            self.expert_seconds[e] += start.elapsed_time(end) / 1000.0
+        self.expert_events = []
+        out = self.expert_seconds
+        self.expert_seconds = [0.0] * self.num_experts
+        return out if any(out) else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits [T, N], chosen experts [T, K] and their gate weights [T, K]."""
@@ -76,6 +91,8 @@ class MoEFFN(nn.Module):
             self.token_counts += torch.bincount(idx.flatten(), minlength=self.num_experts)
             self.entropy_sum += -(probs * probs.clamp_min(1e-12).log()).sum().double()
             self.routed_tokens += x.shape[0]
+        if self.record_routing:
+            self.last_idx = idx
         return logits, idx, weights.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,9 +124,17 @@ class MoEFFN(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            t0 = time.perf_counter() if self.time_experts else 0.0
-            ys[start:start + n] = self.expert_forward(e, xs[start:start + n])
-            if self.time_experts:
+            if not self.time_experts:
+                ys[start:start + n] = self.expert_forward(e, xs[start:start + n])
+            elif x.is_cuda:  # events: no synchronization here
+                ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                ev[0].record()
+                ys[start:start + n] = self.expert_forward(e, xs[start:start + n])
+                ev[1].record()
+                self.expert_events.append((e, *ev))
+            else:
+                t0 = time.perf_counter()
+                ys[start:start + n] = self.expert_forward(e, xs[start:start + n])
                 self.expert_seconds[e] += time.perf_counter() - t0
             start += n
         ys = ys * weights.flatten()[order, None]

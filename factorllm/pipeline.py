@@ -37,10 +37,9 @@ def factorize_source(source: str | None, factor: FactorConfig, calib_file: str |
     factor.base = loaded.source
     factor.calib = calib_file or "self-generated"
     factor.validate(loaded.model.config.intermediate_size)
-    needs_data = factor.partition != "contiguous" or factor.router_init != "random"
     t0 = time.perf_counter()
     calib = calibration_tokens(loaded.model, loaded.tokenizer, calib_file, calib_seqs, calib_len,
-                               factor.seed) if needs_data else None
+                               factor.seed) if factor.needs_calibration else None
     factorize(loaded.model, factor, calib)
     log.info("factorized %s (%d experts, top-%d) in %.1f s", loaded.name, factor.experts, factor.top_k,
              time.perf_counter() - t0)

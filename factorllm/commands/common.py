@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..factor_config import PARTITIONS, PRESETS, ROUTER_INITS
+from ..factor_config import PARTITIONS, PRESETS, ROUTER_INITS, ROUTER_LABELS
 from ..moe import GATES
 
 
@@ -22,10 +22,17 @@ def add_factor_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partition", choices=PARTITIONS, help="how neurons are grouped into experts")
     g.add_argument("--gate", choices=GATES, help="how the chosen experts' outputs are combined")
     g.add_argument("--router-init", choices=ROUTER_INITS, help="router initialization")
+    g.add_argument("--router-label", choices=ROUTER_LABELS,
+                   help="train each router with the PAR loss on this pseudo-label (paper: FactorLLM's; "
+                        "greedy: best K-subset by reconstruction; mass: largest expert outputs)")
+    g.add_argument("--router-steps", type=int, help="PAR training steps per layer (default 200)")
+    g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit the down projections in closed form against the dense FFN")
     g.add_argument("--seed", type=int, help="random seed for clustering, sampling and router init")
     g.add_argument("--calib", help="calibration text file (default: text sampled from the model itself)")
 
 
 def factor_overrides(args: argparse.Namespace) -> dict:
     return dict(experts=args.experts, top_k=args.top_k, shared_experts=args.shared_experts,
-                partition=args.partition, gate=args.gate, router_init=args.router_init, seed=args.seed)
+                partition=args.partition, gate=args.gate, router_init=args.router_init, seed=args.seed,
+                router_label=args.router_label, router_steps=args.router_steps, refit=args.refit)
