@@ -1,7 +1,7 @@
 """Dense FFN vs factorized MoE layer, side by side in one run.
 
 For each token count and (N, K): median time of the dense FFN and of the MoE layer (each
-dispatch path, and the one `tune_dispatch` picks), the speed-up over dense and its fraction of
+dispatch path: grouped, gathered, masked; and the one `tune_dispatch` picks), the speed-up over dense and its fraction of
 the FLOP bound (N / K for routed experts, ignoring the router). Prints a table, writes JSON.
 
     python benchmarks/moe_layer.py [--tokens 1 8 64 512] [--configs 8x2 16x4 32x8] [--out FILE]
@@ -19,6 +19,9 @@ import torch
 from factorllm.factor_config import FactorConfig
 from factorllm.factorize import factorize_layer
 from factorllm.model import GatedMLP
+
+
+PATHS = ("grouped", "gathered", "masked")
 
 
 def median_time(fn, repeats: int) -> float:
@@ -46,19 +49,19 @@ def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: 
         factor.validate(dense.gate_proj.out_features)
         moe = factorize_layer(dense, torch.empty(0, hidden), factor, layer).eval()
         moe.collect_stats = False
-        threshold = moe.tune_dispatch()
+        moe.tune_dispatch()
         for t in tokens:
             x = torch.randn(t, hidden)
             _, idx, w = moe.route(x)
-            t_dense = median_time(lambda: dense(x), repeats)
-            t_grouped = median_time(lambda: moe.grouped(x, idx, w), repeats)
-            t_gathered = median_time(lambda: moe.gathered(x, idx, w), repeats)
-            t_moe = median_time(lambda: moe(x), repeats)
-            bound = n / k
-            rows.append(dict(tokens=t, experts=n, top_k=k, dense_ms=t_dense * 1e3, moe_ms=t_moe * 1e3,
-                             grouped_ms=t_grouped * 1e3, gathered_ms=t_gathered * 1e3,
-                             path="gathered" if t <= threshold else "grouped",
-                             speedup=t_dense / t_moe, flop_bound=bound, fraction_of_bound=t_dense / t_moe / bound))
+            row = dict(tokens=t, experts=n, top_k=k, dense_ms=median_time(lambda: dense(x), repeats) * 1e3)
+            for path in PATHS:
+                row[f"{path}_ms"] = median_time(lambda: getattr(moe, path)(x, idx, w), repeats) * 1e3
+            row["moe_ms"] = median_time(lambda: moe(x), repeats) * 1e3
+            row["path"] = moe.path_for(t)
+            row["speedup"] = row["dense_ms"] / row["moe_ms"]
+            row["flop_bound"] = n / k
+            row["fraction_of_bound"] = row["speedup"] / row["flop_bound"]
+            rows.append(row)
     return rows
 
 
@@ -75,12 +78,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     configs = [tuple(int(v) for v in c.split("x")) for c in args.configs]
     rows = run(args.tokens, configs, args.repeats, args.layer)
-    print(f"{'tokens':>6} {'N':>3} {'K':>3} {'dense ms':>9} {'moe ms':>8} {'grouped':>8} {'gathered':>8} "
-          f"{'path':>8} {'speedup':>8} {'bound':>6} {'of bound':>8}")
+    print("| tokens | N | K | dense ms | MoE ms (picked path) | grouped | gathered | masked | speed-up | FLOP bound | of bound |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"{r['tokens']:>6} {r['experts']:>3} {r['top_k']:>3} {r['dense_ms']:>9.3f} {r['moe_ms']:>8.3f} "
-              f"{r['grouped_ms']:>8.3f} {r['gathered_ms']:>8.3f} {r['path']:>8} {r['speedup']:>7.2f}x "
-              f"{r['flop_bound']:>5.1f}x {r['fraction_of_bound']:>8.2f}")
+        print(f"| {r['tokens']} | {r['experts']} | {r['top_k']} | {r['dense_ms']:.3f} | {r['moe_ms']:.3f} ({r['path']}) | "
+              f"{r['grouped_ms']:.3f} | {r['gathered_ms']:.3f} | {r['masked_ms']:.3f} | {r['speedup']:.2f}x | "
+              f"{r['flop_bound']:.1f}x | {r['fraction_of_bound']:.2f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows}, indent=2))

@@ -43,8 +43,9 @@ class MoEFFN(nn.Module):
         self.experts_up = nn.Parameter(torch.empty(num_experts, expert_size, hidden))
         self.experts_down = nn.Parameter(torch.empty(num_experts, hidden, expert_size))
         self.shared = GatedMLP(hidden, shared_size, act) if shared_size else None
-        # Largest token count for which gathering expert weights beats grouping (see tune_dispatch).
-        self.gather_max_tokens = 0
+        # [(max_tokens, path)], ascending: the dispatch path to use up to each token count,
+        # measured by tune_dispatch; beyond the last entry, "grouped".
+        self.dispatch_plan: list[tuple[int, str]] = []
         self.collect_stats = True
         self.time_experts = False
         # Engine hook: keep the last forward's expert choices (per-request routing traces).
@@ -99,13 +100,16 @@ class MoEFFN(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         _, idx, weights = self.route(flat)
-        if flat.shape[0] <= self.gather_max_tokens:
-            out = self.gathered(flat, idx, weights)
-        else:
-            out = self.grouped(flat, idx, weights)
+        out = getattr(self, self.path_for(flat.shape[0]))(flat, idx, weights)
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view(shape)
+
+    def path_for(self, tokens: int) -> str:
+        for max_tokens, path in self.dispatch_plan:
+            if tokens <= max_tokens:
+                return path
+        return "grouped"
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         h = self.act(F.linear(x, self.experts_gate[e])) * F.linear(x, self.experts_up[e])
@@ -147,16 +151,28 @@ class MoEFFN(nn.Module):
         y = torch.einsum("tke,tkhe->tkh", h, self.experts_down[idx])
         return (y * weights[..., None]).sum(1)
 
+    def masked(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Run every expert on every token and zero the unchosen ones: the dense FFN's cost, for
+        small batches whose tokens touch most experts anyway (decode), where it beats grouping."""
+        T, (N, E, H) = x.shape[0], self.experts_gate.shape
+        h = self.act(F.linear(x, self.experts_gate.view(N * E, H))) * F.linear(x, self.experts_up.view(N * E, H))
+        gate = torch.zeros(T, N, dtype=x.dtype, device=x.device).scatter_(1, idx, weights)
+        h = (h.view(T, N, E) * gate[..., None]).transpose(0, 1)                   # [N, T, E]
+        return torch.bmm(h, self.experts_down.transpose(1, 2)).sum(0)             # [N, T, H] -> [T, H]
+
     @torch.no_grad()
-    def tune_dispatch(self, candidates=(1, 2, 4, 8, 16, 32), repeats: int = 5) -> int:
-        """Measure both dispatch paths per token count; keep the largest count where gathering wins."""
-        best = 0
+    def tune_dispatch(self, candidates=(1, 2, 4, 8, 16, 32, 64), repeats: int = 5) -> list[tuple[int, str]]:
+        """Time each dispatch path at each candidate token count; remember the fastest per count.
+
+        Counts above the largest candidate use "grouped" (it wins at prefill sizes)."""
         p = self.experts_gate
+        plan = []
         for n in candidates:
             x = torch.randn(n, p.shape[-1], dtype=p.dtype, device=p.device)
             _, idx, w = self.route(x)
-            t = {}
-            for name, fn in (("gathered", self.gathered), ("grouped", self.grouped)):
+            best = None
+            for name in ("gathered", "masked", "grouped"):
+                fn = getattr(self, name)
                 fn(x, idx, w)
                 times = []
                 for _ in range(repeats):
@@ -165,14 +181,13 @@ class MoEFFN(nn.Module):
                     if p.is_cuda:
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - t0)
-                t[name] = sorted(times)[repeats // 2]
-            if t["gathered"] < t["grouped"]:
-                best = n
-            else:
-                break
-        self.gather_max_tokens = best
+                t = sorted(times)[repeats // 2]
+                if best is None or t < best[0]:
+                    best = (t, name)
+            plan.append((n, best[1]))
+        self.dispatch_plan = plan
         self.reset_stats()
-        return best
+        return plan
 
     def extra_repr(self) -> str:
         shared = self.shared.gate_proj.out_features if self.shared is not None else 0
