@@ -42,4 +42,4 @@ def sample_tokens(default_model):
 
 
 # The shared `factorllm serve` subprocess and an openai client for it (tests/server_fixture.py).
-from server_fixture import oai, served  # noqa: E402,F401
+from server_fixture import oai, served, served_model  # noqa: E402,F401

@@ -42,35 +42,12 @@ COMPOSE_FILES = {
 INSTALL_HINT = "run `bash scripts/install_deploy_tools.sh`"
 
 # ---------------------------------------------------------------------------
-# The metrics the server exports: name -> (type, labels).
-# Single source of truth for this file; to be replaced by an import from
-# server.metrics once that module exposes the same mapping.
+# The metrics the server exports: name -> (type, labels), from the server itself
+# (server/metrics.py is their single source of truth).
 # Histograms are exposed as <name>_bucket{le}, <name>_sum and <name>_count;
 # counters are listed under their exposed ``_total`` name.
 # ---------------------------------------------------------------------------
-EXPORTED_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "factorllm_expert_tokens_total": ("counter", ("layer", "expert")),
-    "factorllm_layer_tokens_total": ("counter", ("layer",)),
-    "factorllm_expert_latency_seconds": ("histogram", ("layer", "expert")),
-    "factorllm_expert_load_imbalance": ("gauge", ("layer",)),
-    "factorllm_router_entropy": ("gauge", ("layer",)),
-    "factorllm_time_to_first_token_seconds": ("histogram", ()),
-    "factorllm_inter_token_latency_seconds": ("histogram", ()),
-    "factorllm_e2e_request_latency_seconds": ("histogram", ()),
-    "factorllm_request_queue_time_seconds": ("histogram", ()),
-    "factorllm_num_requests_running": ("gauge", ()),
-    "factorllm_num_requests_waiting": ("gauge", ()),
-    "factorllm_kv_cache_usage_ratio": ("gauge", ()),
-    "factorllm_ready": ("gauge", ()),
-    "factorllm_prompt_tokens_total": ("counter", ()),
-    "factorllm_generation_tokens_total": ("counter", ()),
-    "factorllm_request_success_total": ("counter", ("finish_reason",)),
-    "factorllm_requests_rejected_total": ("counter", ("reason",)),
-    "factorllm_model_info": (
-        "gauge",
-        ("model", "experts", "top_k", "active_ffn_fraction", "device", "dtype"),
-    ),
-}
+from server.metrics import EXPORTED_METRICS  # noqa: E402
 
 # Labels added by the scraper (static config / Prometheus Operator).
 TARGET_LABELS = {"instance", "job", "namespace", "pod", "service", "container", "endpoint"}

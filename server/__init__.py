@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`factorllm serve`) over the inference engine."""
