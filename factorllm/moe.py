@@ -100,7 +100,9 @@ class MoEFFN(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         _, idx, weights = self.route(flat)
-        out = getattr(self, self.path_for(flat.shape[0]))(flat, idx, weights)
+        # Only the grouped path runs experts one by one, so timed steps take it.
+        path = "grouped" if self.time_experts else self.path_for(flat.shape[0])
+        out = getattr(self, path)(flat, idx, weights)
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view(shape)

@@ -49,7 +49,7 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = None
     shutdown_timeout: float = Field(30.0, ge=0)
     expert_metrics: Literal["per-expert", "per-layer", "off"] = "per-expert"
-    expert_timing_every: int = Field(16, ge=1, description="CUDA: time experts every Nth step (CPU: every step)")
+    expert_timing_every: int = Field(16, ge=1, description="time experts every Nth step (timed steps run the grouped dispatch)")
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAST_FACTOR = ["--experts", "8", "--top-k", "4", "--partition", "contiguous", "--router-init", "random"]
 TOP_K = 4
 EXPERTS = 8
-SHARED_ARGS = FAST_FACTOR + ["--dtype", "float32", "--max-num-seqs", "4", "--max-queued-requests", "2",
+SHARED_ARGS = FAST_FACTOR + ["--expert-timing-every", "1", "--dtype", "float32", "--max-num-seqs", "4", "--max-queued-requests", "2",
                              "--max-model-len", "512", "--max-body-bytes", "65536"]
 
 

@@ -1,0 +1,160 @@
+"""Offline decode throughput (output tokens/s) of the engine vs Hugging Face `generate`.
+
+For 1, 8 and 32 concurrent sequences: HF `generate` (dense, one static batch, greedy, fp32), this
+engine on the dense model (fp32 and the platform's fast dtype) and on factorized models at ~50%
+("quality" preset) and ~25% ("fast" preset) active FFN. Every sequence generates exactly
+--tokens tokens (EOS ignored); time covers prefill and decode. Each cell is the median of
+--repeats runs; configurations are interleaved per repeat so that load from other processes
+hits them alike. Ratios are within this one run.
+
+    python benchmarks/engine_throughput.py [--quick] [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from factorllm.loading import load_model  # noqa: E402
+from factorllm.pipeline import cached_factorized, factor_config_from  # noqa: E402
+from server.engine import Engine, EngineConfig, EngineRequest, SamplingParams  # noqa: E402
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "Photosynthesis is the process by which green plants", "The history of the Roman Empire",
+           "import numpy as np\nimport", "Dear Sir or Madam, I am writing to", "The main reason why"]
+
+
+def prompts_for(tokenizer, n: int) -> list[list[int]]:
+    return [tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(n)]
+
+
+@torch.inference_mode()
+def hf_run(hf, tokenizer, n: int, tokens: int) -> float:
+    ids = prompts_for(tokenizer, n)
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    x = torch.tensor([[pad] * (width - len(p)) + p for p in ids])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+    t0 = time.perf_counter()
+    out = hf.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
+                      pad_token_id=pad)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] - width == tokens
+    return n * tokens / dt
+
+
+async def engine_run_async(engine: Engine, n: int, tokens: int) -> float:
+    ids = prompts_for(engine.tokenizer, n)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+
+    async def one(i):
+        count = 0
+        async for inc in engine.submit(EngineRequest(f"b{time.monotonic_ns()}-{i}", ids[i], params)):
+            count += len(inc.token_ids)
+        return count
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*[one(i) for i in range(n)])
+    dt = time.perf_counter() - t0
+    assert sum(counts) == n * tokens
+    return n * tokens / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    ap.add_argument("--tokens", type=int, default=None, help="generated tokens per sequence (default 64, quick 32)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs per cell (default 3, quick 1)")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="dtype of the engine's fast rows (auto: see server/engine.py)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--skip", default="", help="comma list of rows to skip: hf,dense-fp32,dense,quality,fast")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    tokens = args.tokens or (32 if args.quick else 64)
+    repeats = args.repeats or (1 if args.quick else 3)
+    conc = [int(c) for c in args.concurrency.split(",")]
+    skip = set(filter(None, args.skip.split(",")))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    max_len = 64 + tokens
+
+    dense = load_model("default")
+    systems = {}  # name -> callable(n) -> tok/s
+    loop = asyncio.new_event_loop()
+    engines = []
+
+    def add_engine(name, loaded, dtype):
+        eng = Engine(loaded, EngineConfig(max_num_seqs=max(conc), max_model_len=max_len, device=args.device,
+                                          dtype=dtype))
+        loop.run_until_complete(eng.start())
+        engines.append(eng)
+        systems[name] = (lambda n, e=eng: loop.run_until_complete(engine_run_async(e, n, tokens)), str(eng.dtype))
+
+    if "hf" not in skip:
+        from transformers import AutoModelForCausalLM
+        hf = AutoModelForCausalLM.from_pretrained(dense.path, dtype=torch.float32).eval()
+        systems["hf-generate"] = (lambda n: hf_run(hf, dense.tokenizer, n, tokens), "torch.float32")
+    if "dense-fp32" not in skip:
+        add_engine("engine-dense-fp32", load_model("default"), "float32")
+    if "dense" not in skip:
+        add_engine("engine-dense", load_model("default"), args.dtype)
+    for preset in ("quality", "fast"):
+        if preset not in skip:
+            loaded = cached_factorized(None, factor_config_from(preset))
+            frac = loaded.factor.active_ffn_fraction(loaded.model.config.num_hidden_layers)
+            add_engine(f"engine-{preset}-{frac:.0%}ffn", loaded, args.dtype)
+
+    # Warm-up: one short run per system and concurrency (allocator, dispatch paths).
+    for name, (fn, _) in systems.items():
+        for n in conc:
+            fn(min(n, 2))
+    results = {name: {n: [] for n in conc} for name in systems}
+    for r in range(repeats):
+        for n in conc:
+            for name, (fn, _) in systems.items():
+                gc.collect()
+                results[name][n].append(fn(n))
+                print(f"repeat {r + 1}/{repeats}  n={n:<3} {name:<26} {results[name][n][-1]:8.1f} tok/s", flush=True)
+    med = {name: {n: statistics.median(v) for n, v in cells.items()} for name, cells in results.items()}
+
+    ref_engine = "engine-dense" if "engine-dense" in med else None
+    print(f"\noutput tokens/s, median of {repeats}; {tokens} tokens per sequence; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device {engines[0].device if engines else 'cpu'}")
+    head = f"{'system':<26} {'dtype':<9}" + "".join(f" {f'n={n}':>9}" for n in conc)
+    if "hf-generate" in med:
+        head += "".join(f" {f'xHF@{n}':>8}" for n in conc)
+    if ref_engine:
+        head += "".join(f" {f'xDense@{n}':>10}" for n in conc)
+    print(head)
+    for name in med:
+        line = f"{name:<26} {systems[name][1].replace('torch.', ''):<9}" + "".join(f" {med[name][n]:9.1f}" for n in conc)
+        if "hf-generate" in med:
+            line += "".join(f" {med[name][n] / med['hf-generate'][n]:8.2f}" for n in conc)
+        if ref_engine:
+            line += "".join(f" {med[name][n] / med[ref_engine][n]:10.2f}" for n in conc)
+        print(line)
+    if args.out:
+        out = {"tokens_per_sequence": tokens, "repeats": repeats, "concurrency": conc,
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+               "device": str(engines[0].device) if engines else "cpu",
+               "systems": {name: {"dtype": systems[name][1], "tok_s": {str(n): med[name][n] for n in conc},
+                                  "runs": {str(n): results[name][n] for n in conc}} for name in med}}
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.out}")
+    for eng in engines:
+        loop.run_until_complete(eng.stop())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The inference engine on the real default model (fp32 on CPU, the exactness reference)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from server.engine import Engine, EngineConfig, EngineRequest, SamplingParams
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "Photosynthesis is the process by which"]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(engine: Engine, rid: str, ids: list[int], params: SamplingParams) -> dict:
+    out = {"ids": [], "text": "", "logprobs": [], "prompt_logprobs": None, "finish": None, "incs": 0}
+    async for inc in engine.submit(EngineRequest(rid, ids, params)):
+        out["ids"] += inc.token_ids
+        out["text"] += inc.text
+        out["logprobs"] += inc.logprobs
+        out["incs"] += 1
+        if inc.prompt_logprobs is not None:
+            out["prompt_logprobs"] = inc.prompt_logprobs
+        out["finish"], out["routing"], out["last"] = inc.finish_reason, inc.routing, inc
+    return out
+
+
+def make_engine(loaded, **kw) -> Engine:
+    cfg = dict(max_num_seqs=8, max_model_len=512, dtype="float32", device="cpu")
+    cfg.update(kw)
+    engine = Engine(loaded, EngineConfig(**cfg))
+    run(engine.start())
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(default_model):
+    engine = make_engine(default_model)  # fp32 on CPU: moving the model is a no-op
+    yield engine
+    run(engine.stop())
+
+
+def encode(loaded, text: str) -> list[int]:
+    return loaded.tokenizer(text)["input_ids"]
+
+
+def chat(loaded, text: str) -> list[int]:
+    return loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_greedy_matches_hf_generate(engine, default_model):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(default_model.path, dtype=torch.float32).eval()
+    prompts = [encode(default_model, p) for p in PROMPTS[:3]]
+
+    async def all_():
+        return await asyncio.gather(*[collect(engine, f"hf{i}", p, SamplingParams(max_tokens=64, temperature=0))
+                                      for i, p in enumerate(prompts)])
+    ours = run(all_())
+    for p, got in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=64,
+                              pad_token_id=default_model.tokenizer.eos_token_id)[0, len(p):].tolist()
+        assert got["ids"] == ref  # both stop after EOS or at 64 tokens
+        assert got["finish"] == "length" or got["ids"][-1] in engine.eos_ids
+        assert got["text"] == default_model.tokenizer.decode(got["ids"], skip_special_tokens=True)
+
+
+def test_same_tokens_alone_and_batched(engine, default_model):
+    texts = PROMPTS + ["Hi", "A long list of fruits: apples, pears, plums, cherries, and also many kinds of",
+                       "1, 2, 3,", "Dear Sir or Madam, I am writing to"]
+    prompts = [encode(default_model, t) for t in texts]
+    params = [SamplingParams(max_tokens=20, temperature=0) if i % 2 == 0 else
+              SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=100 + i)
+              for i in range(8)]
+    alone = [run(collect(engine, f"a{i}", p, params[i])) for i, p in enumerate(prompts)]
+
+    async def together():
+        return await asyncio.gather(*[collect(engine, f"b{i}", p, params[i]) for i, p in enumerate(prompts)])
+    batched = run(together())
+    for a, b in zip(alone, batched):
+        assert a["ids"] == b["ids"] and a["text"] == b["text"]
+    assert engine.num_free_slots == engine.max_num_seqs
+
+
+def test_abort_frees_slot_at_once(engine, default_model):
+    ids = encode(default_model, PROMPTS[0])
+
+    async def go():
+        it = engine.submit(EngineRequest("long", ids, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)))
+        first = await it.__anext__()
+        assert first.finish_reason is None and engine.num_free_slots == engine.max_num_seqs - 1
+        engine.abort("long")
+        assert engine.num_free_slots == engine.max_num_seqs and engine.num_running == 0
+        rest = [inc async for inc in it]
+        assert rest[-1].finish_reason == "abort"
+        # Many submit/abort cycles at random points, with other requests running alongside.
+        keep = [asyncio.ensure_future(collect(engine, f"k{i}", ids, SamplingParams(max_tokens=12, temperature=0)))
+                for i in range(2)]
+        gen = torch.Generator().manual_seed(0)
+        for c in range(40):
+            rid = f"c{c}"
+            it = engine.submit(EngineRequest(rid, ids, SamplingParams(max_tokens=50, temperature=0)))
+            for _ in range(int(torch.randint(0, 3, (1,), generator=gen))):
+                await it.__anext__()
+            engine.abort(rid)
+            assert [inc async for inc in it][-1].finish_reason == "abort"
+        # Closing an iterator early aborts too (a client that went away).
+        it = engine.submit(EngineRequest("closed", ids, SamplingParams(max_tokens=50, temperature=0)))
+        await it.__anext__()
+        await it.aclose()
+        done = await asyncio.gather(*keep)
+        return done
+    done = run(go())
+    assert all(d["finish"] == "length" and len(d["ids"]) == 12 for d in done)
+    assert done[0]["ids"] == done[1]["ids"]
+    assert engine.num_free_slots == engine.max_num_seqs
+    assert engine.num_running == 0 and engine.num_waiting == 0 and not engine.seqs
+    assert engine.scheduler.owner == [None] * engine.max_num_seqs
+
+
+def test_factorized_k_equals_n_matches_dense(engine, default_model, fresh_default_model):
+    from factorllm.factor_config import FactorConfig
+    from factorllm.factorize import factorize
+    factor = FactorConfig(experts=8, top_k=8, partition="contiguous", router_init="random")
+    factorize(fresh_default_model.model, factor, None)
+    fresh_default_model.factor = factor
+    moe_engine = make_engine(fresh_default_model, max_num_seqs=4)
+    prompts = [encode(default_model, p) for p in PROMPTS[:2]]
+    try:
+        for i, p in enumerate(prompts):
+            params = SamplingParams(max_tokens=24, temperature=0)
+            dense = run(collect(engine, f"d{i}", p, params))
+            moe = run(collect(moe_engine, f"m{i}", p, SamplingParams(max_tokens=24, temperature=0, return_routing=True)))
+            assert moe["ids"] == dense["ids"]
+            routing = moe["routing"]
+            fed = len(p) + len(moe["ids"]) - 1  # the last sampled token never runs through the model
+            assert len(routing) == 30 and all(len(r) == 8 for r in routing)
+            assert all(sum(r) == fed * 8 for r in routing)
+    finally:
+        run(moe_engine.stop())
+
+
+def test_step_stats_for_metrics(default_model, fresh_default_model):
+    from factorllm.factor_config import FactorConfig
+    from factorllm.factorize import factorize
+    factor = FactorConfig(experts=8, top_k=2, partition="contiguous", router_init="random")
+    factorize(fresh_default_model.model, factor, None)
+    eng = make_engine(fresh_default_model, max_num_seqs=2)
+    seen = []
+    eng.step_listeners.append(seen.append)
+    try:
+        out = run(collect(eng, "s", encode(default_model, PROMPTS[0]), SamplingParams(max_tokens=5, temperature=0)))
+    finally:
+        run(eng.stop())
+    assert len(out["ids"]) == 5
+    assert sum(s.num_prefill_tokens for s in seen) == len(encode(default_model, PROMPTS[0]))
+    assert sum(s.num_decode_tokens for s in seen) == 4
+    for s in seen:
+        tokens = s.num_prefill_tokens + s.num_decode_tokens
+        assert s.expert_tokens.shape == (30, 8) and (s.expert_tokens.sum(1) == tokens * 2).all()
+        assert s.router_entropy.shape == (30,) and s.step_time > 0
+        # Per-expert seconds per layer where the grouped path ran (None for layers that did not).
+        assert s.expert_seconds is None or len(s.expert_seconds) == 30
+
+
+def test_stop_conditions(engine, default_model):
+    ids = encode(default_model, PROMPTS[2])
+    base = run(collect(engine, "base", ids, SamplingParams(max_tokens=30, temperature=0)))
+    assert base["finish"] == "length" and len(base["ids"]) == 30
+    text = base["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 4]
+    cut = run(collect(engine, "cut", ids, SamplingParams(max_tokens=30, temperature=0, stop=["zzzq", stop])))
+    assert cut["finish"] == "stop" and cut["text"] == text[:text.index(stop)]
+    assert cut["ids"] == base["ids"][:len(cut["ids"])]
+    # Stop token ids: stop on the 5th generated token; it is reported but not in the text.
+    tid = base["ids"][4]
+    st = run(collect(engine, "st", ids, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[tid])))
+    first = base["ids"].index(tid)
+    assert st["finish"] == "stop" and st["ids"] == base["ids"][:first + 1]
+
+    # EOS: an instruct answer ends with EOS; ignore_eos and min_tokens run past it.
+    q = chat(default_model, "What is 2+2? Answer with one word.")
+    short = run(collect(engine, "eos", q, SamplingParams(max_tokens=40, temperature=0)))
+    assert short["finish"] == "stop" and short["ids"][-1] in engine.eos_ids
+    n = len(short["ids"])
+    ign = run(collect(engine, "ign", q, SamplingParams(max_tokens=n + 6, temperature=0, ignore_eos=True)))
+    assert ign["finish"] == "length" and len(ign["ids"]) == n + 6 and ign["ids"][:n] == short["ids"]
+    mn = run(collect(engine, "min", q, SamplingParams(max_tokens=40, temperature=0, min_tokens=n + 3)))
+    assert len(mn["ids"]) >= n + 3 and not set(mn["ids"][:n + 2]) & engine.eos_ids
+
+
+def test_logprobs_and_prompt_logprobs(engine, default_model):
+    ids = encode(default_model, PROMPTS[0])
+    out = run(collect(engine, "lp", ids, SamplingParams(max_tokens=6, temperature=0, logprobs=3, prompt_logprobs=2)))
+    assert len(out["logprobs"]) == len(out["ids"]) == 6
+    for tid, lp in zip(out["ids"], out["logprobs"]):
+        assert lp.token_id == tid and len(lp.top) == 3 and lp.logprob <= 0
+        assert lp.top[0][0] == tid and abs(lp.top[0][2] - lp.logprob) < 1e-5  # greedy: the top token
+        assert isinstance(lp.token, str)
+    pl = out["prompt_logprobs"]
+    assert len(pl) == len(ids) and pl[0] is None
+    assert [p.token_id for p in pl[1:]] == ids[1:] and all(len(p.top) == 2 for p in pl[1:])
+    # The prompt's logprobs agree with a plain full forward.
+    with torch.no_grad():
+        ref = default_model.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    for t in range(1, len(ids)):
+        assert abs(pl[t].logprob - ref[t - 1, ids[t]].item()) < 1e-4
+    # Seeded sampling with penalties is reproducible.
+    p = SamplingParams(max_tokens=10, temperature=1.0, seed=7, presence_penalty=0.5, frequency_penalty=0.5)
+    a, b = run(collect(engine, "s1", ids, p)), run(collect(engine, "s2", ids, p))
+    assert a["ids"] == b["ids"]
+
+
+def test_utf8_text_is_whole_characters(engine, default_model):
+    ids = encode(default_model, "Translate to Chinese and add emojis: I love green tea 🍵 ->")
+    out = run(collect(engine, "u", ids, SamplingParams(max_tokens=24, temperature=0.7, seed=3)))
+    assert "\ufffd" not in out["text"]
+    assert out["text"] == default_model.tokenizer.decode(out["ids"], skip_special_tokens=True)
+
+
+def test_invalid_requests(engine):
+    async def go():
+        with pytest.raises(ValueError, match="empty"):
+            engine.submit(EngineRequest("e", [], SamplingParams()))
+        with pytest.raises(ValueError, match="vocabulary"):
+            engine.submit(EngineRequest("v", [1, 10**7], SamplingParams()))
+        with pytest.raises(ValueError, match="maximum context length"):
+            engine.submit(EngineRequest("l", [1] * 500, SamplingParams(max_tokens=100)))
+    run(go())
+
+
+def test_chunked_prefill_next_to_decodes(default_model):
+    """A long prompt split into 8-token chunks gives the tokens of an unchunked run, while a
+    short request decodes alongside it."""
+    eng = make_engine(default_model, max_num_seqs=2, max_num_batched_tokens=8)
+    long_ids = encode(default_model, " ".join(PROMPTS) + " In summary,")
+    assert len(long_ids) > 24
+
+    async def go():
+        short = asyncio.ensure_future(collect(eng, "short", encode(default_model, "Hi"),
+                                              SamplingParams(max_tokens=8, temperature=0)))
+        await asyncio.sleep(0)
+        return await collect(eng, "long", long_ids, SamplingParams(max_tokens=8, temperature=0)), await short
+    try:
+        chunked, short = run(go())
+    finally:
+        run(eng.stop())
+    whole = make_engine(default_model, max_num_seqs=1)
+    try:
+        ref = run(collect(whole, "ref", long_ids, SamplingParams(max_tokens=8, temperature=0)))
+    finally:
+        run(whole.stop())
+    assert chunked["ids"] == ref["ids"] and len(short["ids"]) == 8
+
+
+def test_sampler_top_k_top_p_and_seed():
+    from server.sampling import SampleRow, make_generator, sample
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(3, 1)
+
+    def draws(**kw):
+        gen = make_generator(5, torch.device("cpu"))
+        rows = [SampleRow(temperature=kw.get("t", 1.0), top_p=kw.get("p", 1.0), top_k=kw.get("k", 0), generator=gen)]
+        return {sample(logits[:1].clone(), rows).item() for _ in range(200)}
+    assert draws(k=2) == {0, 1}
+    assert draws(p=0.5) == {0}             # the top token alone holds ~64% of the mass
+    assert draws(k=3, p=0.75) == {0, 1}    # top-k, renormalized, then top-p
+    assert draws(t=0) == {0}
+    assert len(draws(t=5.0)) == 5
+    # Each row draws from its own generator: a row's draw does not depend on its neighbours.
+    rows = [SampleRow(1.0, 1.0, 0, make_generator(s, torch.device("cpu"))) for s in (1, 2, 3)]
+    together = sample(logits.clone(), rows).tolist()
+    alone = [sample(logits[:1].clone(), [SampleRow(1.0, 1.0, 0, make_generator(s, torch.device("cpu")))]).item()
+             for s in (1, 2, 3)]
+    assert together == alone
+
+
+def test_detokenizer_holds_back_partial_stop_strings(default_model):
+    from server.detokenizer import IncrementalDetokenizer
+    tok = default_model.tokenizer
+    ids = tok(" Hello world, this is the end. More text")["input_ids"]
+    d = IncrementalDetokenizer(tok, [], stop=["the end"])
+    out, matched = "", None
+    for t in ids:
+        piece, matched = d.add(t)
+        out += piece
+        assert not any(out.endswith("the end"[:n]) for n in range(1, 7))  # never part of a stop string
+        if matched:
+            break
+    assert matched == "the end" and out == " Hello world, this is "
+    # Multi-byte characters split over tokens come out whole.
+    ids = tok("tea 🍵 and 日本語")["input_ids"]
+    d = IncrementalDetokenizer(tok, [])
+    pieces = [d.add(t)[0] for t in ids]
+    assert all("\ufffd" not in p for p in pieces) and "".join(pieces) + d.flush() == "tea 🍵 and 日本語"
