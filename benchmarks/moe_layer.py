@@ -34,24 +34,26 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def real_ffn(layer: int) -> GatedMLP:
+def real_ffn(layer: int, dtype: torch.dtype) -> GatedMLP:
     from factorllm.loading import load_model
-    return load_model("default").model.layers[layer].mlp
+    return load_model("default").model.layers[layer].mlp.to(dtype)
 
 
 @torch.no_grad()
-def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: int) -> list[dict]:
-    dense = real_ffn(layer)
+def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: int,
+        dtype: torch.dtype = torch.float32) -> list[dict]:
+    dense = real_ffn(layer, dtype)
     hidden = dense.gate_proj.in_features
     rows = []
     for n, k in configs:
         factor = FactorConfig(experts=n, top_k=k, partition="contiguous", router_init="random")
         factor.validate(dense.gate_proj.out_features)
-        moe = factorize_layer(dense, torch.empty(0, hidden), factor, layer).eval()
+        moe = factorize_layer(dense.float(), torch.empty(0, hidden), factor, layer).to(dtype).eval()
+        dense.to(dtype)
         moe.collect_stats = False
         moe.tune_dispatch()
         for t in tokens:
-            x = torch.randn(t, hidden)
+            x = torch.randn(t, hidden, dtype=dtype)
             _, idx, w = moe.route(x)
             row = dict(tokens=t, experts=n, top_k=k, dense_ms=median_time(lambda: dense(x), repeats) * 1e3)
             for path in PATHS:
@@ -72,12 +74,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--layer", type=int, default=10, help="which real layer of the default model to split")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out", default="benchmarks/out/moe_layer.json")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     configs = [tuple(int(v) for v in c.split("x")) for c in args.configs]
-    rows = run(args.tokens, configs, args.repeats, args.layer)
+    rows = run(args.tokens, configs, args.repeats, args.layer, getattr(torch, args.dtype))
     print("| tokens | N | K | dense ms | MoE ms (picked path) | grouped | gathered | masked | speed-up | FLOP bound | of bound |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -86,7 +89,7 @@ def main() -> None:
               f"{r['flop_bound']:.1f}x | {r['fraction_of_bound']:.2f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "dtype": args.dtype, "repeats": args.repeats, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 
