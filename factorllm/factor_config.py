@@ -11,8 +11,10 @@ ROUTER_LABELS = ("paper", "greedy", "mass")
 
 # Recommended configurations (see docs/results.md): ~50% and ~25% of the FFN active.
 PRESETS = {
-    "quality": dict(experts=14, shared_experts=2, top_k=6, partition="cluster", router_init="lstsq"),
-    "fast": dict(experts=15, shared_experts=1, top_k=3, partition="cluster", router_init="lstsq"),
+    "quality": dict(experts=14, shared_experts=2, top_k=6, partition="cluster", router_init="lstsq",
+                    router_label="greedy", refit=True),
+    "fast": dict(experts=28, shared_experts=4, top_k=4, partition="cluster", router_init="lstsq",
+                 router_label="greedy", refit=True),
 }
 
 
@@ -28,7 +30,7 @@ class FactorConfig:
     gate: str = "sum"
     router_init: str = "lstsq"
     router_label: str | None = None  # PAR router training on this pseudo-label (router_training.py)
-    router_steps: int = 200
+    router_steps: int = 100
     refit: bool = False              # closed-form refit of the down projections (distill.refit_down)
     base: str = "default"
     calib: str = "self-generated"

@@ -82,7 +82,7 @@ def init_router(moe: MoEFFN, x: torch.Tensor, how: str, seed: int) -> None:
         target = (norms - norms.mean(1, keepdim=True)) / norms.std(1, keepdim=True).clamp_min(1e-6)
         xd = x.double()
         gram = xd.T @ xd
-        ridge = 1e-3 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        ridge = 1e-3 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         sol = torch.linalg.solve(gram + ridge, xd.T @ target.double())  # [H, N]
         w.copy_(sol.T.to(w.dtype) * 4.0)  # sharpen: standardized targets span a few units
 
@@ -120,11 +120,16 @@ def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer:
 
 
 @torch.no_grad()
-def factorize(model: Transformer, factor: FactorConfig, calib_tokens: torch.Tensor | None) -> Transformer:
+def factorize(model: Transformer, factor: FactorConfig, calib_tokens: torch.Tensor | None,
+              inputs: list[torch.Tensor] | None = None) -> Transformer:
     """Factorize `model` in place. Calibration tokens are needed unless the partition is
-    contiguous and the router random."""
+    contiguous and the router random; `inputs` may give their FFN inputs (capture_ffn_inputs)
+    precomputed, to share one capture between several factorizations."""
     factor.validate(model.config.intermediate_size)
-    inputs = capture_ffn_inputs(model, calib_tokens) if factor.needs_calibration else None
+    if factor.needs_calibration:
+        inputs = list(inputs) if inputs is not None else capture_ffn_inputs(model, calib_tokens)
+    else:
+        inputs = None
     stats: dict = {}
     for i, layer in enumerate(tqdm(model.layers, desc="factorizing", unit="layer")):
         x = inputs[i].float() if inputs is not None else torch.empty(0, model.config.hidden_size)

@@ -36,7 +36,7 @@ def balanced_clusters(features: torch.Tensor, num_clusters: int, iters: int = 15
     Returns a [num_clusters, P / num_clusters] table of point indices (each point exactly once)."""
     P = features.shape[0]
     size = P // num_clusters
-    f = features.float()
+    f = features.float().cpu()  # the greedy assignment runs on the CPU anyway
     f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-8)
     gen = torch.Generator().manual_seed(seed)
     centroids = f[torch.randperm(P, generator=gen)[:num_clusters]]

@@ -25,7 +25,7 @@ def add_factor_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--router-label", choices=ROUTER_LABELS,
                    help="train each router with the PAR loss on this pseudo-label (paper: FactorLLM's; "
                         "greedy: best K-subset by reconstruction; mass: largest expert outputs)")
-    g.add_argument("--router-steps", type=int, help="PAR training steps per layer (default 200)")
+    g.add_argument("--router-steps", type=int, help="PAR training steps per layer (default 100)")
     g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="refit the down projections in closed form against the dense FFN")
     g.add_argument("--seed", type=int, help="random seed for clustering, sampling and router init")

@@ -1,0 +1,203 @@
+"""Recovering quality after factorization: a closed-form per-layer refit and end-to-end distillation.
+
+* `refit_down`: with the router's choices fixed, the MoE layer's output is linear in its down
+  projections, so all of them (routed and shared) are refit jointly by ridge regression to the
+  dense FFN's output on calibration inputs, regularized toward the original weights. Missing
+  experts are compensated by the chosen ones. Seconds per layer on CPU.
+* `distill`: end-to-end logit distillation of the factorized student from the dense teacher:
+  KL on logits (+ optional CE on the next token, + load balance), training the routers and/or
+  the experts; AdamW, linear warm-up + cosine decay, gradient clipping, bf16 autocast on CUDA,
+  resumable checkpoints, seeded.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .moe import MoEFFN
+from .router_training import balance_loss
+
+
+@torch.no_grad()
+def refit_down(moe: MoEFFN, x: torch.Tensor, dense_out: torch.Tensor, ridge: float = 0.05) -> dict:
+    """Jointly refit every down projection of `moe` so that its output on x [T, H] (routing fixed)
+    matches `dense_out` [T, H]. Returns the relative error before and after."""
+    collect, moe.collect_stats = moe.collect_stats, False
+    _, idx, weights = moe.route(x)
+    moe.collect_stats = collect
+    T, N, E = x.shape[0], moe.num_experts, moe.expert_size
+    coef = torch.zeros(T, N, dtype=x.dtype, device=x.device).scatter_(1, idx, weights.to(x.dtype))
+    h = moe.act(torch.einsum("th,neh->tne", x, moe.experts_gate)) * torch.einsum("th,neh->tne", x, moe.experts_up)
+    feats = [(h * coef[:, :, None]).reshape(T, N * E)]
+    w0 = [moe.experts_down.permute(1, 0, 2).reshape(moe.experts_down.shape[1], N * E)]
+    if moe.shared is not None:
+        s = moe.shared
+        feats.append(s.act(s.gate_proj(x)) * s.up_proj(x))
+        w0.append(s.down_proj.weight)
+    phi, w0, y = torch.cat(feats, 1).float(), torch.cat(w0, 1).float(), dense_out.float()  # [T, F], [H, F]
+    err_before = ((phi @ w0.T - y).norm() / y.norm()).item()
+    gram = (phi.T @ phi).double()
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    w = torch.linalg.solve(gram + lam * eye, (phi.T @ y).double() + lam * w0.T.double()).T.float()  # [H, F]
+    err_after = ((phi @ w.T - y).norm() / y.norm()).item()
+    w = w.to(moe.experts_down.dtype)
+    moe.experts_down.copy_(w[:, :N * E].reshape(-1, N, E).permute(1, 0, 2))
+    if moe.shared is not None:
+        moe.shared.down_proj.weight.copy_(w[:, N * E:])
+    return {"err_before": err_before, "err_after": err_after}
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 2e-4
+    router_lr: float = 1e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    balance_weight: float = 0.0
+    temperature: float = 1.0
+    train: tuple[str, ...] = ("routers", "experts")
+    seed: int = 0
+    save_every: int = 50
+
+
+def trainable_parameters(student, train: tuple[str, ...]) -> tuple[list, list]:
+    """(router params, other params) to train; everything else is frozen.
+
+    routers: MoE routers; experts: routed and shared expert weights; all: every weight."""
+    routers, others = [], []
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for m in student.modules():
+        if isinstance(m, MoEFFN):
+            if "routers" in train or "all" in train:
+                routers.append(m.router.weight)
+            if "experts" in train or "all" in train:
+                others += [m.experts_gate, m.experts_up, m.experts_down]
+                if m.shared is not None:
+                    others += list(m.shared.parameters())
+    if "all" in train:
+        seen = {id(p) for p in routers + others}
+        others += [p for p in student.parameters() if id(p) not in seen]
+    for p in routers + others:
+        p.requires_grad_(True)
+    return routers, others
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def distill(student, teacher, tokens: torch.Tensor, cfg: DistillConfig, state_path: str | Path | None = None,
+            progress: bool = True) -> dict:
+    """Distill `teacher` into `student` on token windows [B, T]. With `state_path`, training state
+    is saved every `save_every` steps and resumed from there if present. Returns loss history."""
+    device = student.lm_head.weight.device
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    routers, others = trainable_parameters(student, cfg.train)
+    groups = [g for g in ({"params": routers, "lr": cfg.router_lr}, {"params": others, "lr": cfg.lr}) if g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    start, history = 0, []
+    state_path = Path(state_path) if state_path else None
+    if state_path and state_path.is_file():
+        st = torch.load(state_path, map_location=device, weights_only=False)
+        student.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        start, history = st["step"], st["history"]
+    moes = [m for m in student.modules() if isinstance(m, MoEFFN)]
+    captured: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, a: captured.append(a[0])) for m in moes] if cfg.balance_weight else []
+    teacher.eval()
+    student.train()
+    bar = tqdm(range(start, cfg.steps), desc="distilling", unit="step", disable=not progress,
+               initial=start, total=cfg.steps)
+    t0, seen = time.perf_counter(), 0
+    try:
+        for step in bar:
+            batch = tokens[torch.randint(0, tokens.shape[0], (cfg.batch_size,), generator=gen)].to(device)
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * lr_factor(step, cfg.warmup, cfg.steps)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                with torch.no_grad():
+                    t_logits = teacher(batch)
+                captured.clear()
+                s_logits = student(batch)
+            tau = cfg.temperature
+            t_logp = (t_logits.float() / tau).log_softmax(-1)
+            s_logp = (s_logits.float() / tau).log_softmax(-1)
+            kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * tau ** 2
+            loss = cfg.kl_weight * kl
+            if cfg.ce_weight:
+                loss = loss + cfg.ce_weight * F.cross_entropy(s_logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten())
+            if cfg.balance_weight:
+                bal = sum(balance_loss(m.router(x.reshape(-1, x.shape[-1])), m.top_k) for m, x in zip(moes, captured))
+                loss = loss + cfg.balance_weight * bal / len(moes)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(routers + others, cfg.clip)
+            opt.step()
+            seen += batch.numel()
+            history.append({"step": step + 1, "loss": loss.item(), "kl": kl.item()})
+            bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}",
+                            tok_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            if state_path and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+                state_path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                            "step": step + 1, "history": history, "config": asdict(cfg)}, state_path)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in student.parameters():
+            p.requires_grad_(False)
+        student.eval()
+    return {"history": history, "tokens_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
+
+
+@torch.no_grad()
+def recover_layers(student, teacher, tokens: torch.Tensor, label: str | None = "greedy", steps: int = 100,
+                   refit: bool = True, progress: bool = True) -> dict:
+    """Layer by layer against the dense teacher's FFN on the teacher's FFN inputs for `tokens`:
+    PAR router training on `label` (None: keep the routers), then the closed-form down refit.
+    Returns layer means of the statistics (as factorize records them)."""
+    from .factorize import capture_ffn_inputs, moe_layers, summarize_stats
+    from .router_training import compute_labels, train_router
+
+    inputs = capture_ffn_inputs(teacher, tokens)
+    moes = moe_layers(student)
+    stats: dict = {}
+    for i, (moe, layer) in enumerate(tqdm(list(zip(moes, teacher.layers)), desc="router training", unit="layer",
+                                          disable=not progress)):
+        x = inputs[i].float()
+        moe.float()
+        dense_out = layer.mlp.float()(x)
+        if label:
+            labels = compute_labels(moe, x, dense_out, label)
+            with torch.enable_grad():
+                stats.setdefault("par", []).append(train_router(moe, x, labels, steps=steps, seed=i))
+        if refit:
+            stats.setdefault("refit", []).append(refit_down(moe, x, dense_out))
+        moe.reset_stats()
+        inputs[i] = None
+    out = summarize_stats(stats, None)
+    if "par" in out:
+        out["par"].update(label=label, steps=steps)
+    return out

@@ -1,0 +1,127 @@
+"""PAR: fit each layer's router to pseudo-labels derived from the dense teacher.
+
+For a layer with teacher FFN input x and routed target y (the dense FFN's output minus the
+always-on shared part), every expert's output E_i(x) is computed and each token gets a set of
+K label experts:
+  * "paper":  the K experts whose single output is closest to the target scaled by K/N
+              (FactorLLM's Prior-Approximate Router label);
+  * "greedy": the K-subset chosen greedily to minimize ||y - g * sum_{i in S} E_i(x)|| with the
+              layer's gate scale g (best reconstruction);
+  * "mass":   the K experts with the largest output norm ||E_i(x)|| (contribution mass).
+The router is then trained with the PAR loss, KL(uniform over the label set || softmax(router)),
+plus a Switch-style load-balance term. Labels are computed on the teacher's FFN input of the
+*current* layer (what the paper describes), not the previous layer's output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .moe import MoEFFN
+
+LABELS = ("paper", "greedy", "mass")
+
+
+def expert_outputs(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """Every routed expert's output for every token, [N, T, H] (what the router should predict)."""
+    return torch.stack([moe.expert_forward(e, x) for e in range(moe.num_experts)])
+
+
+def gate_scale(moe: MoEFFN) -> float:
+    return moe.num_experts / moe.top_k if moe.gate == "scaled" else 1.0
+
+
+def routed_target(moe: MoEFFN, dense_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What the routed experts must reproduce: the dense output minus the shared experts'."""
+    return dense_out - moe.shared(x) if moe.shared is not None else dense_out
+
+
+def labels_from_outputs(outs: torch.Tensor, target: torch.Tensor, k: int, how: str, scale: float = 1.0) -> torch.Tensor:
+    """[T, K] label experts per token from expert outputs [N, T, H] and the routed target [T, H]."""
+    N = outs.shape[0]
+    if how == "paper":
+        dist = (outs - target * (k / N)).norm(dim=-1)                  # [N, T]
+        return dist.topk(k, dim=0, largest=False).indices.T
+    if how == "mass":
+        return outs.norm(dim=-1).topk(k, dim=0).indices.T
+    if how != "greedy":
+        raise ValueError(f"label must be one of {LABELS}, got {how!r}")
+    resid = target.clone()
+    sq = (outs * outs).sum(-1) * scale ** 2                             # [N, T]
+    taken = torch.zeros(N, target.shape[0], dtype=torch.bool, device=target.device)
+    tokens = torch.arange(target.shape[0], device=target.device)
+    chosen = []
+    for _ in range(k):
+        gain = 2 * scale * torch.einsum("nth,th->nt", outs, resid) - sq   # error decrease per expert
+        best = gain.masked_fill(taken, float("-inf")).argmax(0)          # [T]
+        chosen.append(best)
+        taken[best, tokens] = True
+        resid = resid - scale * outs[best, tokens]
+    return torch.stack(chosen, 1)
+
+
+@torch.no_grad()
+def compute_labels(moe: MoEFFN, x: torch.Tensor, dense_out: torch.Tensor, how: str,
+                   chunk: int = 1024) -> torch.Tensor:
+    """Label experts [T, K] for teacher inputs x [T, H] and the dense FFN output there."""
+    target = routed_target(moe, dense_out, x)
+    return torch.cat([labels_from_outputs(expert_outputs(moe, x[s:s + chunk]), target[s:s + chunk],
+                                          moe.top_k, how, gate_scale(moe))
+                      for s in range(0, x.shape[0], chunk)])
+
+
+def label_distribution(labels: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Uniform distribution over each token's label set, [T, N]."""
+    q = torch.zeros(labels.shape[0], num_experts, device=labels.device)
+    return q.scatter_(1, labels, 1.0 / labels.shape[1])
+
+
+def par_loss(logits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(q || softmax(logits)), mean over tokens."""
+    logp = logits.float().log_softmax(-1)
+    return (q * (q.clamp_min(1e-12).log() - logp)).sum(-1).mean()
+
+
+def balance_loss(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Switch-Transformer load balance: N * sum_i f_i * P_i (1 when perfectly balanced)."""
+    probs = logits.float().softmax(-1)
+    N = probs.shape[-1]
+    idx = probs.topk(k, dim=-1).indices
+    f = torch.bincount(idx.flatten(), minlength=N).float() / idx.numel()
+    return N * (f * probs.mean(0)).sum()
+
+
+@torch.no_grad()
+def agreement(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of label experts that the router's top-K contains (recall at K)."""
+    k = labels.shape[1]
+    top = logits.topk(k, dim=-1).indices
+    return (top[:, :, None] == labels[:, None, :]).any(1).float().mean().item()
+
+
+def train_router(moe: MoEFFN, x: torch.Tensor, labels: torch.Tensor, steps: int = 100, lr: float = 3e-2,
+                 balance: float = 0.01, weight_decay: float = 0.0, seed: int = 0) -> dict:
+    """Fit `moe.router` to labels with the PAR loss + load balance (full batch, Adam).
+
+    Returns the PAR loss and the label agreement before and after."""
+    torch.manual_seed(seed)
+    w = moe.router.weight
+    x = x.to(w.dtype)
+    q = label_distribution(labels, moe.num_experts)
+    with torch.no_grad():
+        logits = F.linear(x, w)
+        stats = {"loss_start": par_loss(logits, q).item(), "agree_start": agreement(logits, labels)}
+    param = torch.nn.Parameter(w.detach().clone())
+    opt = torch.optim.Adam([param], lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        logits = F.linear(x, param)
+        loss = par_loss(logits, q) + balance * balance_loss(logits, moe.top_k)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        w.copy_(param)
+        logits = F.linear(x, w)
+        stats.update(loss_end=par_loss(logits, q).item(), agree_end=agreement(logits, labels),
+                     balance_end=balance_loss(logits, moe.top_k).item())
+    return stats

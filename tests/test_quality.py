@@ -1,0 +1,156 @@
+"""Router training labels and learning, evaluation numbers, and clear errors for bad eval files."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from factorllm.cli import main
+from factorllm.errors import SourceError
+from factorllm.evaluate import choice_loglikelihoods, mc_scores, perplexity, read_mc_items
+from factorllm.factor_config import FactorConfig
+from factorllm.factorize import capture_ffn_inputs, factorize_layer
+from factorllm.router_training import agreement, compute_labels, labels_from_outputs, train_router
+
+
+# ---------------------------------------------------------------- labels
+
+def test_labels_on_a_hand_checkable_case():
+    # target y = (3, 0); experts E0 = (1, 0), E1 = (2, 0), E2 = (0, 1); N = 3.
+    outs = torch.tensor([[[1.0, 0.0]], [[2.0, 0.0]], [[0.0, 1.0]]])
+    y = torch.tensor([[3.0, 0.0]])
+    # paper, K = 1: closest to y * 1/3 = (1, 0) -> E0.  K = 2: closest to (2, 0) -> E1, then E0.
+    assert labels_from_outputs(outs, y, 1, "paper").tolist() == [[0]]
+    assert labels_from_outputs(outs, y, 2, "paper").tolist() == [[1, 0]]
+    # greedy, K = 1: ||y - E1|| = 1 beats ||y - E0|| = 2 -> E1; K = 2: E1 then E0 (exact).
+    assert labels_from_outputs(outs, y, 1, "greedy").tolist() == [[1]]
+    assert labels_from_outputs(outs, y, 2, "greedy").tolist() == [[1, 0]]
+    # with the paper's N/K = 3 gate scale, one expert: ||y - 3 E0|| = 0 -> E0.
+    assert labels_from_outputs(outs, y, 1, "greedy", scale=3.0).tolist() == [[0]]
+    # mass: largest norms -> E1, then E0 and E2 tie at 1 (either is fine).
+    assert labels_from_outputs(outs, y, 1, "mass").tolist() == [[1]]
+    with pytest.raises(ValueError):
+        labels_from_outputs(outs, y, 1, "nope")
+
+
+def test_agreement_is_recall_at_k():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    labels = torch.tensor([[0, 2], [3, 2]])  # row 0: top-2 = {0, 1} has 0 only; row 1: {3, 2} has both
+    assert agreement(logits, labels) == pytest.approx(0.75)
+
+
+# ---------------------------------------------------------------- router learning on the real model
+
+def test_router_learns_par_labels(default_model, sample_tokens):
+    model = default_model.model
+    inputs = capture_ffn_inputs(model, sample_tokens)
+    factor = FactorConfig(experts=8, top_k=2, partition="contiguous", router_init="random", shared_experts=0)
+    factor.validate(model.config.intermediate_size)
+    for layer in (3, 20):
+        x = inputs[layer].float()
+        mlp = model.layers[layer].mlp
+        moe = factorize_layer(mlp, x, factor, layer)
+        with torch.no_grad():
+            labels = compute_labels(moe, x, mlp(x), "greedy")
+        assert labels.shape == (x.shape[0], 2)
+        stats = train_router(moe, x, labels, steps=150, lr=1e-2)
+        assert stats["loss_end"] < 0.7 * stats["loss_start"]
+        assert stats["agree_end"] > stats["agree_start"] + 0.2
+        assert stats["agree_end"] > 0.7
+
+
+# ---------------------------------------------------------------- evaluation numbers
+
+def test_perplexity_equals_direct_computation(default_model, sample_tokens):
+    model = default_model.model
+    tokens = sample_tokens[0, :20]
+    got = perplexity(model, tokens, window=8, stride=4, batch_size=3, progress=False)
+    # windows [0, 8) [4, 12) [8, 16) [12, 20): each scores the tokens the previous one did not.
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for start, first, end in ((0, 1, 8), (4, 8, 12), (8, 12, 16), (12, 16, 20)):
+            logp = model(tokens[None, start:end]).log_softmax(-1)[0]
+            for t in range(first, end):
+                nll -= logp[t - start - 1, tokens[t]].item()
+                n += 1
+    assert got["tokens"] == n == 19
+    assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+
+
+def test_choice_loglikelihoods_equal_direct_computation(default_model):
+    tok = default_model.tokenizer
+    items = [{"context": "The capital of France is", "choices": ["Paris.", "a large potato."], "label": 0},
+             {"context": "Question: What do cows drink?\nAnswer: ", "choices": ["water", "milk", "tea"], "label": 0}]
+    lls = choice_loglikelihoods(default_model.model, tok, items, batch_size=2, progress=False)
+    with torch.no_grad():
+        for d, ll in zip(items, lls):
+            ctx = d["context"].rstrip()
+            spaces = d["context"][len(ctx):] + " "  # lm-eval: target delimiter " " + moved trailing space
+            for c, got in zip(d["choices"], ll):
+                ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"]
+                whole = tok(ctx + spaces + c, add_special_tokens=False)["input_ids"]
+                logp = default_model.model(torch.tensor([whole])).log_softmax(-1)[0]
+                want = sum(logp[t - 1, whole[t]].item() for t in range(len(ctx_ids), len(whole)))
+                assert got == pytest.approx(want, abs=1e-3)
+    assert lls[0][0] > lls[0][1]
+
+
+def test_mc_scores_acc_and_acc_norm():
+    items = [{"choices": ["a", "bbbb"], "label": 1}, {"choices": ["xx", "y"], "label": 0}]
+    lls = [[-2.0, -3.0], [-1.0, -0.9]]
+    s = mc_scores(items, lls)
+    # item 0: acc picks 0 (wrong); per byte -2 vs -0.75 picks 1 (right).
+    # item 1: acc picks 1 (wrong); per byte -0.5 vs -0.9 picks 0 (right).
+    assert s == {"acc": 0.0, "acc_norm": 1.0, "chance": 0.5, "items": 2}
+
+
+# ---------------------------------------------------------------- files
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_mc_reader_formats_and_errors(tmp_path):
+    good = write(tmp_path / "mc.jsonl", json.dumps({"context": "c", "choices": ["a", "b"], "label": 1}) + "\n\n")
+    assert read_mc_items(good) == [{"context": "c", "choices": ["a", "b"], "label": 1}]
+    piqa = write(tmp_path / "piqa.jsonl", json.dumps({"goal": "g", "sol1": "s1", "sol2": "s2"}) + "\n")
+    with pytest.raises(SourceError, match="labels file"):
+        read_mc_items(piqa)
+    write(tmp_path / "piqa-labels.lst", "1\n")
+    assert read_mc_items(piqa) == [{"context": "Question: g\nAnswer:", "choices": ["s1", "s2"], "label": 1}]
+    cases = {"missing": (str(tmp_path / "nope.jsonl"), "not found"),
+             "empty": (write(tmp_path / "empty.jsonl", "\n \n"), "empty"),
+             "json": (write(tmp_path / "bad.jsonl", "{not json\n"), "not valid JSON"),
+             "fields": (write(tmp_path / "f.jsonl", json.dumps({"context": "c", "choices": ["a", "b"]})), "label"),
+             "label": (write(tmp_path / "l.jsonl", json.dumps({"context": "c", "choices": ["a", "b"], "label": 2})),
+                       "index"),
+             "choices": (write(tmp_path / "c.jsonl", json.dumps({"context": "c", "choices": "ab", "label": 0})),
+                         "list")}
+    for path, msg in cases.values():
+        with pytest.raises(SourceError, match=msg):
+            read_mc_items(path)
+
+
+def test_eval_cli_errors_are_one_line(tmp_path, capsys):
+    rc = main(["eval", "--model", "default", "--ppl", str(tmp_path / "missing.txt"), "--no-speed"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "not found" in err
+    rc = main(["eval", "--model", "default", "--ppl", write(tmp_path / "e.txt", "  \n"), "--no-speed"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "empty" in err
+
+
+def test_eval_cli_json(tmp_path, capsys):
+    text = write(tmp_path / "t.txt", "The quick brown fox jumps over the lazy dog. " * 12)
+    mc = write(tmp_path / "mc.jsonl", json.dumps({"context": "The sky is", "choices": ["blue.", "a fish."], "label": 0}))
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", "default", "--ppl", text, "--mc", mc, "--window", "32",
+                 "--json", str(out), "--no-speed"]) == 0
+    r = json.loads(out.read_text())
+    for key in ("ppl", "acc", "acc_norm", "active_ffn_fraction", "flops_per_token", "tokens_per_s"):
+        assert key in r
+    assert r["ppl"] > 1 and r["acc"] in (0.0, 1.0) and r["active_ffn_fraction"] == 1.0 and r["tokens_per_s"] is None
+    assert "perplexity" in capsys.readouterr().out
