@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .factor_config import FactorConfig
+from .factor_config import CHECKPOINT_FORMAT, FactorConfig
 from .loading import WEIGHTS_FILE, LoadedModel
 
 
@@ -25,7 +25,7 @@ def save_checkpoint(loaded: LoadedModel, factor: FactorConfig, out: str | Path) 
         state.pop("lm_head.weight", None)
     save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
     config = {k: v for k, v in loaded.hf_config.items() if k != "factorllm"}
-    config["factorllm"] = factor.to_dict()
+    config["factorllm"] = {**factor.to_dict(), "format": CHECKPOINT_FORMAT}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     loaded.tokenizer.save_pretrained(tmp)
     if out.exists():

@@ -35,7 +35,7 @@ def refit_down(moe: MoEFFN, x: torch.Tensor, dense_out: torch.Tensor, ridge: flo
     coef = torch.zeros(T, N, dtype=x.dtype, device=x.device).scatter_(1, idx, weights.to(x.dtype))
     h = moe.act(torch.einsum("th,neh->tne", x, moe.experts_gate)) * torch.einsum("th,neh->tne", x, moe.experts_up)
     feats = [(h * coef[:, :, None]).reshape(T, N * E)]
-    w0 = [moe.experts_down.permute(1, 0, 2).reshape(moe.experts_down.shape[1], N * E)]
+    w0 = [moe.experts_down.reshape(N * E, -1).T]
     if moe.shared is not None:
         s = moe.shared
         feats.append(s.act(s.gate_proj(x)) * s.up_proj(x))
@@ -48,7 +48,7 @@ def refit_down(moe: MoEFFN, x: torch.Tensor, dense_out: torch.Tensor, ridge: flo
     w = torch.linalg.solve(gram + lam * eye, (phi.T @ y).double() + lam * w0.T.double()).T.float()  # [H, F]
     err_after = ((phi @ w.T - y).norm() / y.norm()).item()
     w = w.to(moe.experts_down.dtype)
-    moe.experts_down.copy_(w[:, :N * E].reshape(-1, N, E).permute(1, 0, 2))
+    moe.experts_down.copy_(w[:, :N * E].T.reshape(N, E, -1))
     if moe.shared is not None:
         moe.shared.down_proj.weight.copy_(w[:, N * E:])
     return {"err_before": err_before, "err_after": err_after}

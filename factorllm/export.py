@@ -233,7 +233,7 @@ def export_model(loaded: LoadedModel, fmt: str, out: str | Path, gate_tolerance:
         router_scales.append(alpha)
         m = p + moe_key + "."
         state[m + "gate.weight"] = router * alpha
-        gate_w, up_w, down_w = f32(moe.experts_gate), f32(moe.experts_up), f32(moe.experts_down)
+        gate_w, up_w, down_w = f32(moe.experts_gate), f32(moe.experts_up), f32(moe.experts_down).transpose(1, 2)
         for e in range(N):
             state[m + f"experts.{e}.{names[0]}.weight"] = gate_w[e]
             state[m + f"experts.{e}.{names[1]}.weight"] = up_w[e]

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import UsageError
 
+# Bumped whenever the tensor layout of a factorized checkpoint changes (2: experts_down [N, E, H]).
+CHECKPOINT_FORMAT = 2
 PARTITIONS = ("contiguous", "cluster")
 ROUTER_INITS = ("random", "centroid", "lstsq")
 ROUTER_LABELS = ("paper", "greedy", "mass")

@@ -97,7 +97,7 @@ def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer:
     g, u, d = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     moe.experts_gate.copy_(g[groups])
     moe.experts_up.copy_(u[groups])
-    moe.experts_down.copy_(d[:, groups].permute(1, 0, 2))
+    moe.experts_down.copy_(d[:, groups].permute(1, 2, 0))
     if moe.shared is not None:
         moe.shared.gate_proj.weight.copy_(g[shared])
         moe.shared.up_proj.weight.copy_(u[shared])

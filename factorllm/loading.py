@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import SourceError
-from .factor_config import FactorConfig
+from .factor_config import CHECKPOINT_FORMAT, FactorConfig
 from .model import ModelConfig, Transformer, rope_inv_freq
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,13 @@ def load_model(source: str | None = None, dtype: torch.dtype = torch.float32, de
     """Load any supported source onto `device` in `dtype`."""
     path, name = resolve_dense_dir(source)
     hf_config = read_config(path)
-    factor = FactorConfig.from_dict(hf_config["factorllm"]) if "factorllm" in hf_config else None
-    if factor is not None:
+    factor = None
+    if "factorllm" in hf_config:
+        section = hf_config["factorllm"]
+        if section.get("format") != CHECKPOINT_FORMAT:
+            raise SourceError(f"{path} is a factorized checkpoint of format {section.get('format', 1)}; this "
+                              f"version reads format {CHECKPOINT_FORMAT}: factorize the base model again")
+        factor = FactorConfig.from_dict(section)
         name = factor.name or name
     model = load_transformer(path, hf_config, factor).to(device=device, dtype=dtype)
     for layer in model.layers:

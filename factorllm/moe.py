@@ -2,7 +2,7 @@
 
 Expert e owns E = intermediate/N neurons: rows of gate_proj/up_proj and columns of down_proj.
 Weights are stacked per layer as `experts_gate [N, E, H]`, `experts_up [N, E, H]` and
-`experts_down [N, H, E]` (ready for grouped kernels and export). Optional shared neurons form
+`experts_down [N, E, H]` (ready for grouped kernels and export). Optional shared neurons form
 an always-on dense `GatedMLP`.
 
 Gates (a documented choice, all exact at K = N):
@@ -41,7 +41,7 @@ class MoEFFN(nn.Module):
         self.router = nn.Linear(hidden, num_experts, bias=False)
         self.experts_gate = nn.Parameter(torch.empty(num_experts, expert_size, hidden))
         self.experts_up = nn.Parameter(torch.empty(num_experts, expert_size, hidden))
-        self.experts_down = nn.Parameter(torch.empty(num_experts, hidden, expert_size))
+        self.experts_down = nn.Parameter(torch.empty(num_experts, expert_size, hidden))
         self.shared = GatedMLP(hidden, shared_size, act) if shared_size else None
         # [(max_tokens, path)], ascending: the dispatch path to use up to each token count,
         # measured by tune_dispatch; beyond the last entry, "grouped".
@@ -115,7 +115,7 @@ class MoEFFN(nn.Module):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         h = self.act(F.linear(x, self.experts_gate[e])) * F.linear(x, self.experts_up[e])
-        return F.linear(h, self.experts_down[e])
+        return h @ self.experts_down[e]
 
     def grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sort (token, expert) pairs by expert; one matmul chain per expert that has tokens."""
@@ -150,7 +150,7 @@ class MoEFFN(nn.Module):
         """Gather each token's K experts' weights (gpt-fast style): best for a few tokens."""
         h = self.act(torch.einsum("th,tkeh->tke", x, self.experts_gate[idx]))
         h = h * torch.einsum("th,tkeh->tke", x, self.experts_up[idx])
-        y = torch.einsum("tke,tkhe->tkh", h, self.experts_down[idx])
+        y = torch.einsum("tke,tkeh->tkh", h, self.experts_down[idx])
         return (y * weights[..., None]).sum(1)
 
     def masked(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -159,8 +159,8 @@ class MoEFFN(nn.Module):
         T, (N, E, H) = x.shape[0], self.experts_gate.shape
         h = self.act(F.linear(x, self.experts_gate.view(N * E, H))) * F.linear(x, self.experts_up.view(N * E, H))
         gate = torch.zeros(T, N, dtype=x.dtype, device=x.device).scatter_(1, idx, weights)
-        h = (h.view(T, N, E) * gate[..., None]).transpose(0, 1)                   # [N, T, E]
-        return torch.bmm(h, self.experts_down.transpose(1, 2)).sum(0)             # [N, T, H] -> [T, H]
+        h = (h.view(T, N, E) * gate[..., None]).view(T, N * E)
+        return h @ self.experts_down.view(N * E, H)
 
     @torch.no_grad()
     def tune_dispatch(self, candidates=(1, 2, 4, 8, 16, 32, 64), repeats: int = 5) -> list[tuple[int, str]]:

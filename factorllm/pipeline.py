@@ -10,7 +10,7 @@ from pathlib import Path
 from .calibration import calibration_tokens
 from .checkpoint import save_checkpoint
 from .errors import SourceError
-from .factor_config import PRESETS, FactorConfig
+from .factor_config import CHECKPOINT_FORMAT, PRESETS, FactorConfig
 from .factorize import factorize
 from .loading import LoadedModel, cache_dir, load_model, resolve_dense_dir
 
@@ -51,7 +51,7 @@ def cached_factorized(source: str | None, factor: FactorConfig, calib_file: str 
     """Factorize once per (source, recipe) and reuse the saved checkpoint afterwards."""
     dense_dir, name = resolve_dense_dir(source)
     recipe = {k: v for k, v in factor.to_dict().items() if k not in ("base", "calib", "intermediate_size", "name")}
-    key = json.dumps([str(Path(dense_dir).resolve()), recipe, calib_file], sort_keys=True)
+    key = json.dumps([CHECKPOINT_FORMAT, str(Path(dense_dir).resolve()), recipe, calib_file], sort_keys=True)
     out = cache_dir() / "factorized" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     if not (out / "config.json").is_file():
         loaded = factorize_source(source, factor, calib_file)

@@ -168,6 +168,10 @@ def test_bad_sources_fail_cleanly(tmp_path, default_model):
                                "--partition", "contiguous", "--router-init", "random",
                                "--out", str(tmp_path / "o")), "corrupt")
 
+    old = make_model_dir(tmp_path / "old", default_model, factorllm={"experts": 8, "top_k": 2})
+    assert_clean_error(run_cli("factorize", "--model", str(old), "--experts", "8", "--top-k", "2",
+                               "--out", str(tmp_path / "o")), "format 1")
+
     not_gguf = tmp_path / "weights.txt"
     not_gguf.write_text("hello")
     assert_clean_error(run_cli("info", "--model", str(not_gguf)), "unsupported model file")
