@@ -17,16 +17,17 @@ SEED_PROMPTS = ["The", "In 1998,", "Once upon a time", "The results show that", 
                 "How to"]
 
 
-def read_text(path: str | Path) -> str:
+def read_text(path: str | Path, what: str = "calibration") -> str:
+    """A non-empty UTF-8 text file, or a one-line SourceError naming `what` it was for."""
     p = Path(path)
     if not p.is_file():
-        raise SourceError(f"calibration file not found: {path}")
+        raise SourceError(f"{what} file not found: {path}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise SourceError(f"calibration file {path} is not UTF-8 text") from None
+        raise SourceError(f"{what} file {path} is not UTF-8 text") from None
     if not text.strip():
-        raise SourceError(f"calibration file {path} is empty")
+        raise SourceError(f"{what} file {path} is empty")
     return text
 
 

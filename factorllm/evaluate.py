@@ -20,22 +20,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .calibration import read_text
 from .errors import SourceError
 from .info import model_summary
 from .loading import LoadedModel
-
-
-def read_nonempty(path: str | Path, what: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise SourceError(f"{what} file not found: {path}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SourceError(f"{what} file {path} is not UTF-8 text") from None
-    if not text.strip():
-        raise SourceError(f"{what} file {path} is empty")
-    return text
 
 
 # ---------------------------------------------------------------- perplexity
@@ -98,7 +86,7 @@ def piqa_items(lines: list[dict], labels_path: Path, path: str) -> list[dict]:
 def read_mc_items(path: str | Path, limit: int | None = None) -> list[dict]:
     """Items {"context", "choices", "label"} from JSONL; PIQA files (goal/sol1/sol2) are adapted,
     their labels read from `<name>-labels.lst` beside them."""
-    text = read_nonempty(path, "multiple-choice")
+    text = read_text(path, "multiple-choice")
     lines = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -210,7 +198,7 @@ def evaluate(loaded: LoadedModel, ppl_file: str | None = None, mc_file: str | No
               "active_ffn_fraction": summary["active_ffn_fraction"],
               "flops_per_token": summary["flops_per_token"]["total_active"], "tokens_per_s": None}
     if ppl_file:
-        tokens = text_tokens(loaded.tokenizer, read_nonempty(ppl_file, "perplexity text"), ppl_tokens)
+        tokens = text_tokens(loaded.tokenizer, read_text(ppl_file, "perplexity text"), ppl_tokens)
         p = perplexity(model, tokens, window, stride, progress=progress)
         result.update(ppl=p["ppl"], ppl_tokens=p["tokens"])
     if mc_file:

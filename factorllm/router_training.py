@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .moe import MoEFFN
 
-LABELS = ("paper", "greedy", "mass")
+from .factor_config import ROUTER_LABELS as LABELS
 
 
 def expert_outputs(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
