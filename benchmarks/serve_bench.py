@@ -42,7 +42,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -729,7 +729,8 @@ def parse_args(argv=None):
     p.add_argument("--tf-dtype", default="float32",
                    help="dtype for transformers serve only (default %(default)s: its bf16 CPU path is far slower)")
     p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for a server's readiness")
+    p.add_argument("--ready-timeout", type=float, default=1800.0,
+                   help="seconds to wait for a server's readiness (a factorized preset not yet cached is built at start-up: ~15 min on 2 cores)")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--ours-args", default="", help="extra flags for `factorllm serve`")
     p.add_argument("--vllm-args", default="", help="extra flags for vLLM's api_server")
