@@ -51,6 +51,7 @@ class MoEFFN(nn.Module):
         # Engine hook: keep the last forward's expert choices (per-request routing traces).
         self.record_routing = False
         self.last_idx: torch.Tensor | None = None
+        self.last_entropy: torch.Tensor | None = None  # per token, when stats are collected
         self.reset_stats()
 
     @property
@@ -88,12 +89,14 @@ class MoEFFN(nn.Module):
             weights = torch.full_like(top_p, scale)
             if self.training:
                 weights = weights * (1 + top_p - top_p.detach())
+        entropy = None
         if self.collect_stats and not self.training:
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
             self.token_counts += torch.bincount(idx.flatten(), minlength=self.num_experts)
-            self.entropy_sum += -(probs * probs.clamp_min(1e-12).log()).sum().double()
+            self.entropy_sum += entropy.sum().double()
             self.routed_tokens += x.shape[0]
         if self.record_routing:
-            self.last_idx = idx
+            self.last_idx, self.last_entropy = idx, entropy
         return logits, idx, weights.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

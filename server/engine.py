@@ -627,7 +627,8 @@ class Engine:
 
     def _record_routing(self, seqs: list[Sequence], T: int, lengths: list[int]) -> None:
         """Add each sequence's expert choices of the last forward ([rows*T, K] per layer) to its
-        trace; padded positions of a prefill batch are taken out of the step's expert counts."""
+        trace; padded positions of a prefill batch are taken out of the step's expert counts and
+        router entropy."""
         want = [i for i, s in enumerate(seqs) if s.params.return_routing]
         padded = T * len(seqs) != sum(lengths)
         if not want and not padded:
@@ -640,6 +641,7 @@ class Engine:
             idx = m.last_idx.view(len(seqs), T, m.top_k)
             if valid is not None and m.collect_stats:
                 m.token_counts -= torch.bincount(idx[~valid].flatten(), minlength=m.num_experts)
+                m.entropy_sum -= m.last_entropy.view(len(seqs), T)[~valid].sum().double()
             if not want:
                 continue
             ones = torch.ones_like(idx) if valid is None else valid[:, :, None].expand_as(idx).long()
