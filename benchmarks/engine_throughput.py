@@ -116,7 +116,7 @@ def main() -> None:
             add_engine(f"engine-{preset}-{frac:.0%}ffn", loaded, args.dtype)
 
     # Warm-up: one short run per system and concurrency (allocator, dispatch paths).
-    for name, (fn, _) in systems.items():
+    for fn, _ in systems.values():
         for n in conc:
             fn(min(n, 2))
     results = {name: {n: [] for n in conc} for name in systems}
@@ -128,21 +128,16 @@ def main() -> None:
                 print(f"repeat {r + 1}/{repeats}  n={n:<3} {name:<26} {results[name][n][-1]:8.1f} tok/s", flush=True)
     med = {name: {n: statistics.median(v) for n, v in cells.items()} for name, cells in results.items()}
 
-    ref_engine = "engine-dense" if "engine-dense" in med else None
+    # Ratio columns: against HF generate and against the dense engine, where they ran.
+    refs = [(label, ref) for label, ref in (("xHF", "hf-generate"), ("xDense", "engine-dense")) if ref in med]
     print(f"\noutput tokens/s, median of {repeats}; {tokens} tokens per sequence; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {engines[0].device if engines else 'cpu'}")
     head = f"{'system':<26} {'dtype':<9}" + "".join(f" {f'n={n}':>9}" for n in conc)
-    if "hf-generate" in med:
-        head += "".join(f" {f'xHF@{n}':>8}" for n in conc)
-    if ref_engine:
-        head += "".join(f" {f'xDense@{n}':>10}" for n in conc)
+    head += "".join(f" {f'{label}@{n}':>10}" for label, _ in refs for n in conc)
     print(head)
     for name in med:
         line = f"{name:<26} {systems[name][1].replace('torch.', ''):<9}" + "".join(f" {med[name][n]:9.1f}" for n in conc)
-        if "hf-generate" in med:
-            line += "".join(f" {med[name][n] / med['hf-generate'][n]:8.2f}" for n in conc)
-        if ref_engine:
-            line += "".join(f" {med[name][n] / med[ref_engine][n]:10.2f}" for n in conc)
+        line += "".join(f" {med[name][n] / med[ref][n]:10.2f}" for _, ref in refs for n in conc)
         print(line)
     if args.out:
         out = {"tokens_per_sequence": tokens, "repeats": repeats, "concurrency": conc,
