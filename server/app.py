@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -60,6 +61,41 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     msg = first.get("msg", "invalid value")
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
+
+
+# --------------------------------------------------------------------------- OpenAPI
+
+# Bodies are parsed by hand (`_parse`: size limit first, then JSON, then the model), so FastAPI
+# cannot see them: these route arguments put them into /openapi.json for clients and fuzzers.
+ERROR_STATUSES = (400, 401, 404, 413, 429, 500, 503)
+
+
+def _documented(request_model: type[BaseModel] | None, response_model: type[BaseModel],
+                streams: bool = False, errors=ERROR_STATUSES) -> dict:
+    ok: dict = {"model": response_model}
+    if streams:  # OpenAPI 3.1: the schema describes one event; its data is a JSON chunk or [DONE]
+        event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+        ok["content"] = {"text/event-stream": {"schema": event}}
+    kwargs: dict = {"responses": {200: ok, **{code: {"model": ErrorResponse} for code in errors}}}
+    if request_model is not None:
+        ref = {"$ref": f"#/components/schemas/{request_model.__name__}"}
+        kwargs["openapi_extra"] = {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+    return kwargs
+
+
+def _openapi(app: FastAPI, request_models: list[type[BaseModel]]):
+    """/openapi.json with the hand-parsed request bodies' schemas added to the components."""
+    def build() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            for m in request_models:
+                schema = m.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(schema.pop("$defs", {}))
+                components[m.__name__] = schema
+            app.openapi_schema = doc
+        return app.openapi_schema
+    return build
 
 
 # --------------------------------------------------------------------------- state
@@ -147,6 +183,11 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
 
     app = FastAPI(title="FactorLLM Serve", version="0.1.0", lifespan=lifespan)
     app.state.server = state
+    app.openapi = _openapi(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest])
+    if settings.cors_origins:  # off unless configured: browsers may not call the API cross-origin
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     # ---- errors, all in OpenAI's shape
     @app.exception_handler(APIError)
@@ -172,23 +213,25 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
         return error_response(500, f"internal server error: {type(exc).__name__}", "server_error")
 
     # ---- open routes
-    @app.get("/health")
+    @app.get("/health", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}})
     async def health():
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+                                  503: {"model": ErrorResponse}})
     async def ready():
         if state.ready and not state.draining:
             return {"status": "ready", "model": name}
         status = "draining" if state.draining else "loading"
         return error_response(503, f"not ready: {status}", "service_unavailable", code=status)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus_metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", **_documented(TokenizeRequest, TokenizeResponse, errors=(400, 404, 413)))
     async def tokenize(request: Request):
         req = await _parse(request, TokenizeRequest, state)
         _check_model(req.model, name, metrics)
@@ -200,7 +243,7 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
         strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=_max_len(state), tokens=ids, token_strs=strs).model_dump()
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}})
     async def tokenizer_info():
         """vLLM's endpoint: lets lm-evaluation-harness use the server's tokenizer (backend "remote")."""
         tok = _tokenizer(state)
@@ -208,7 +251,7 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
                 "pad_token": tok.pad_token, "chat_template": getattr(tok, "chat_template", None),
                 "model_max_length": _max_len(state), "vocab_size": len(tok)}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", **_documented(DetokenizeRequest, DetokenizeResponse, errors=(400, 404, 413)))
     async def detokenize(request: Request):
         req = await _parse(request, DetokenizeRequest, state)
         _check_model(req.model, name, metrics)
@@ -219,7 +262,7 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
     # ---- /v1, behind the API key
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(settings, metrics))])
 
-    @v1.get("/models")
+    @v1.get("/models", **_documented(None, ModelList, errors=(401,)))
     async def models():
         factor = loaded.factor
         info = None
@@ -230,14 +273,14 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
         card = ModelCard(id=name, root=str(loaded.source), max_model_len=_max_len(state), factorllm=info)
         return ModelList(data=[card]).model_dump()
 
-    @v1.post("/completions")
+    @v1.post("/completions", **_documented(CompletionRequest, CompletionResponse, streams=True))
     async def completions(request: Request):
         _check_serving(state)
         req = await _parse(request, CompletionRequest, state)
         _check_model(req.model, name, metrics)
         return await _run_completion(request, req, state)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", **_documented(ChatCompletionRequest, ChatCompletionResponse, streams=True))
     async def chat_completions(request: Request):
         _check_serving(state)
         req = await _parse(request, ChatCompletionRequest, state)
@@ -319,6 +362,8 @@ async def _parse(request: Request, model: type[BaseModel], state: ServerState):
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"malformed JSON body: {e}", reason="invalid_request") from None
+    except RecursionError:
+        raise APIError(400, "malformed JSON body: nested too deeply", reason="invalid_request") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", reason="invalid_request")
     try:
@@ -337,6 +382,11 @@ def _max_len(state: ServerState) -> int:
 
 
 def _encode(tok, text: str, add_special_tokens: bool = True) -> list[int]:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # JSON may escape a lone surrogate ("\ud800"): no UTF-8 for it
+        raise APIError(400, "the text contains a lone UTF-16 surrogate (invalid Unicode)", param="prompt",
+                       reason="invalid_request") from None
     return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
@@ -347,9 +397,13 @@ def _chat_prompt_ids(tok, messages, add_generation_prompt: bool, continue_final:
         raise APIError(400, str(e), param="messages", reason="invalid_request") from None
     if getattr(tok, "chat_template", None) is None:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + ("assistant: " if add_generation_prompt else "")
-    else:
+        return _encode(tok, text, add_special_tokens=False)
+    from jinja2 import TemplateError
+    try:
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt and not continue_final,
                                        continue_final_message=continue_final)
+    except (ValueError, TemplateError) as e:  # e.g. the template's own raise_exception on a role order
+        raise APIError(400, f"cannot apply the chat template: {e}", param="messages", reason="invalid_request") from None
     return _encode(tok, text, add_special_tokens=False)
 
 
@@ -391,6 +445,9 @@ def _check_context(state: ServerState, prompt_len: int, max_tokens: int | None, 
 def _admit(state: ServerState, seqs: int) -> None:
     s = state.settings
     capacity = s.max_num_seqs + s.max_queued_requests
+    if seqs > capacity:  # never fits, however long the client waits: not a 429
+        raise APIError(400, f"the request asks for {seqs} sequences (prompts x n); this server holds at most "
+                            f"{capacity} (max_num_seqs + max_queued_requests)", param="n", reason="invalid_request")
     if state.inflight_seqs + seqs > capacity:
         waiting = max(0, state.inflight_seqs - s.max_num_seqs)
         raise APIError(429, f"the server is busy: {state.inflight_seqs} sequences in flight, {waiting} waiting "
@@ -400,7 +457,8 @@ def _admit(state: ServerState, seqs: int) -> None:
 
 def _sampling(req, max_tokens: int, index: int, logprobs: int | None, prompt_logprobs: int | None):
     from .engine import SamplingParams
-    seed = req.seed + index if req.seed is not None else None
+    # torch seeds are 64-bit; any JSON integer maps onto one (the same seed, the same text)
+    seed = (req.seed + index) % 2**63 if req.seed is not None else None
     return SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
         top_k=max(0, req.top_k), seed=seed, presence_penalty=req.presence_penalty,

@@ -22,7 +22,7 @@ log = logging.getLogger("factorllm.serve")
 # flag dest -> settings field (all the same name)
 FIELDS = ("model", "dense", "preset", "experts", "top_k", "shared_experts", "partition", "gate", "router_init",
           "seed", "calib", "served_model_name", "host", "port", "device", "dtype", "max_num_seqs",
-          "max_model_len", "max_num_batched_tokens", "max_queued_requests", "max_body_bytes", "api_key",
+          "max_model_len", "max_num_batched_tokens", "max_queued_requests", "max_body_bytes", "api_key", "cors_origins",
           "shutdown_timeout", "expert_metrics", "expert_timing_every")
 
 
@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, help="port (default 8000)")
     g.add_argument("--served-model-name", help="model name in the API (default: the model's name)")
     g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* [env FACTORLLM_API_KEY]")
+    g.add_argument("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",
+                   help="allow browser calls from ORIGIN (repeatable; CORS is off by default) "
+                        "[env FACTORLLM_CORS_ORIGINS as a JSON list]")
     g.add_argument("--max-queued-requests", type=int,
                    help="sequences allowed to wait beyond --max-num-seqs; more get 429 (default 64)")
     g.add_argument("--max-body-bytes", type=int, help="largest request body; larger get 413 (default 4 MiB)")

@@ -23,7 +23,9 @@ from collections import deque
 from typing import Iterable
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics, generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -238,6 +240,7 @@ class ServerMetrics:
         disable_created_metrics()  # no *_created series (as vLLM): they double the series count
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc. (the soak test watches memory)
         h = _help
         self.ttft = Histogram("factorllm_time_to_first_token_seconds", h("factorllm_time_to_first_token_seconds"),
                               buckets=TTFT_BUCKETS, registry=r)

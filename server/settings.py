@@ -47,6 +47,7 @@ class ServerSettings(BaseSettings):
     max_queued_requests: int = Field(64, ge=0, description="waiting sequences beyond max_num_seqs before 429")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     api_key: SecretStr | None = None
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call the API from a browser (CORS off when empty)")
     shutdown_timeout: float = Field(30.0, ge=0)
     expert_metrics: Literal["per-expert", "per-layer", "off"] = "per-expert"
     expert_timing_every: int = Field(16, ge=1, description="time experts every Nth step (timed steps run the grouped dispatch)")

@@ -292,11 +292,12 @@ def test_concurrent_requests_interleave(served):
 # ----------------------------------------------------------------------------- own processes
 
 def test_api_key_and_sigterm_drain(tmp_path):
-    """A second server with --api-key: 401 on /v1/* only; then SIGTERM while a request streams:
+    """A second server with --api-key (and one CORS origin): 401 on /v1/* only; then SIGTERM while a request streams:
     /ready turns 503, new requests are refused, the in-flight one finishes, exit status 0."""
     key = "sk-test-3f9a2c"
     server = ServerProcess(FAST_FACTOR + ["--api-key", key, "--shutdown-timeout", "60", "--max-model-len", "256",
-                                          "--dtype", "float32"], log_name="sigterm").start()
+                                          "--dtype", "float32", "--cors-origin", "https://app.example"],
+                           log_name="sigterm").start()
     u = server.url
     auth = {"authorization": f"Bearer {key}"}
     try:
@@ -310,6 +311,12 @@ def test_api_key_and_sigterm_drain(tmp_path):
         with pytest.raises(openai.AuthenticationError):
             OpenAI(base_url=u + "/v1", api_key="nope", max_retries=0).models.list()
         assert OpenAI(base_url=u + "/v1", api_key=key, max_retries=0).models.list().data
+        # CORS only for the configured origin
+        pre = {"access-control-request-method": "POST", "access-control-request-headers": "authorization"}
+        r = httpx.options(u + "/v1/completions", headers={"origin": "https://app.example", **pre})
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.options(u + "/v1/completions", headers={"origin": "https://evil.example", **pre})
+        assert "access-control-allow-origin" not in r.headers
 
         client = httpx.Client(timeout=120)
         req = client.build_request("POST", u + "/v1/completions", headers=auth, json={
