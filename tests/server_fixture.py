@@ -32,6 +32,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric(url: str, name: str, labels: dict | None = None) -> float:
+    """Sum of a metric's series (matching `labels`) in the server's /metrics."""
+    from server.metrics import parse_text
+    samples = parse_text(httpx.get(url + "/metrics", timeout=10).text).get(name, [])
+    return sum(v for l, v in samples if all(l.get(k) == x for k, x in (labels or {}).items()))
+
+
+def openai_error(r: httpx.Response, status: int) -> dict:
+    """Assert `r` is an error with `status` in OpenAI's shape, no traceback; return its body."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], body
+    assert "Traceback" not in r.text
+    return err
+
+
+def wait_for(cond, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 class ServerProcess:
     def __init__(self, args: list[str], env: dict | None = None, log_name: str = "server"):
         self.port = free_port()

@@ -15,39 +15,15 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
-from server_fixture import FAST_FACTOR, REPO, ServerProcess, free_port
+from server_fixture import FAST_FACTOR, REPO, ServerProcess, free_port, metric, openai_error, wait_for
 
 PROMPT = "The capital of France is"
 MAX_BODY = 65536  # the shared server's --max-body-bytes
 
 
-def _metric(url: str, name: str, labels: dict | None = None) -> float:
-    from server.metrics import parse_text
-    samples = parse_text(httpx.get(url + "/metrics", timeout=10).text).get(name, [])
-    return sum(v for l, v in samples if all(l.get(k) == x for k, x in (labels or {}).items()))
-
-
-def _wait_for(cond, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _openai_error(r: httpx.Response) -> dict:
-    body = r.json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"], body
-    assert "Traceback" not in r.text
-    return body["error"]
-
-
 def _idle(url: str) -> bool:
-    return (_metric(url, "factorllm_num_requests_running") == 0 and _metric(url, "factorllm_num_requests_waiting") == 0
-            and _metric(url, "factorllm_kv_cache_usage_ratio") == 0)
+    return (metric(url, "factorllm_num_requests_running") == 0 and metric(url, "factorllm_num_requests_waiting") == 0
+            and metric(url, "factorllm_kv_cache_usage_ratio") == 0)
 
 
 # ----------------------------------------------------------------------------- fuzzing
@@ -74,7 +50,7 @@ def test_schemathesis_fuzz_openapi(tmp_path):
         assert httpx.get(server.url + "/ready").status_code == 200
         log = server.output()
         assert "Traceback" not in log and "internal error" not in log, log[-4000:]
-        _wait_for(lambda: _idle(server.url), what="the fuzzed server to be idle")
+        wait_for(lambda: _idle(server.url), what="the fuzzed server to be idle")
     finally:
         server.stop()
 
@@ -160,7 +136,7 @@ def test_nasty_inputs_get_clear_errors_and_hurt_no_one(served):
         if status == 200:
             assert r.json()["choices"][0]["finish_reason"] in ("stop", "length"), name
         else:
-            _openai_error(r)
+            openai_error(r, status)
     t.join(300)
     assert not wrong, "\n".join(wrong)
     chunks = [json.loads(l[6:]) for l in box["lines"] if l != "data: [DONE]"]
@@ -176,8 +152,8 @@ def test_disconnect_storm_leaves_nothing_running(served):
     non-streaming clients that time out: afterwards 0 running, 0 waiting, 0 cache slots used, and
     the server serves the next request normally."""
     u = served.url
-    aborted_before = _metric(u, "factorllm_request_success_total", {"finish_reason": "abort"})
-    errors_before = _metric(u, "factorllm_request_success_total", {"finish_reason": "error"})
+    aborted_before = metric(u, "factorllm_request_success_total", {"finish_reason": "abort"})
+    errors_before = metric(u, "factorllm_request_success_total", {"finish_reason": "error"})
     vanished = 0
     for wave in range(6):
         clients = []
@@ -201,10 +177,10 @@ def test_disconnect_storm_leaves_nothing_running(served):
                        timeout=0.3)
         except httpx.TimeoutException:
             vanished += 1
-    _wait_for(lambda: _idle(u), what="0 running, 0 waiting, empty cache")
-    _wait_for(lambda: _metric(u, "factorllm_request_success_total", {"finish_reason": "abort"}) - aborted_before
+    wait_for(lambda: _idle(u), what="0 running, 0 waiting, empty cache")
+    wait_for(lambda: metric(u, "factorllm_request_success_total", {"finish_reason": "abort"}) - aborted_before
               == vanished, what=f"{vanished} aborts")
-    assert _metric(u, "factorllm_request_success_total", {"finish_reason": "error"}) == errors_before
+    assert metric(u, "factorllm_request_success_total", {"finish_reason": "error"}) == errors_before
     r = httpx.post(u + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "ignore_eos": True}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
@@ -220,14 +196,13 @@ def test_overload_answers_429_quickly(served):
             req = c.build_request("POST", u + "/v1/completions", json={
                 "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True})
             streams.append((c, c.send(req, stream=True)))
-        _wait_for(lambda: _metric(u, "factorllm_num_requests_running") == 4, what="4 running")
+        wait_for(lambda: metric(u, "factorllm_num_requests_running") == 4, what="4 running")
         waits = []
         for _ in range(20):
             t0 = time.perf_counter()
             r = httpx.post(u + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
             waits.append(time.perf_counter() - t0)
-            assert r.status_code == 429 and r.headers["retry-after"] == "1"
-            assert _openai_error(r)["code"] == "queue_full"
+            assert openai_error(r, 429)["code"] == "queue_full" and r.headers["retry-after"] == "1"
         # refused without waiting for generation (a generated token here takes tens of ms)
         assert sorted(waits)[len(waits) // 2] < 0.5, waits
         for c, resp in streams:
@@ -237,7 +212,7 @@ def test_overload_answers_429_quickly(served):
         for c, resp in streams:
             resp.close()
             c.close()
-    _wait_for(lambda: _idle(u), what="idle")
+    wait_for(lambda: _idle(u), what="idle")
 
 
 def test_engine_exception_fails_only_that_request(served_model, monkeypatch):
@@ -267,7 +242,7 @@ def test_engine_exception_fails_only_that_request(served_model, monkeypatch):
     thread.start()
     u = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(lambda: _ready(u), timeout=120, what="in-process server ready")
+        wait_for(lambda: _ready(u), timeout=120, what="in-process server ready")
         good = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
         alone = httpx.post(u + "/v1/completions", json=good, timeout=120).json()["choices"][0]["text"]
 
@@ -281,8 +256,8 @@ def test_engine_exception_fails_only_that_request(served_model, monkeypatch):
             t.start()
         for t in threads:
             t.join()
-        err = _openai_error(results["bad"])
-        assert results["bad"].status_code == 500 and err["type"] == "server_error"
+        err = openai_error(results["bad"], 500)
+        assert err["type"] == "server_error"
         assert "injected sampling fault" in err["message"]
         for i in range(2):
             assert results[f"good{i}"].status_code == 200
@@ -293,8 +268,8 @@ def test_engine_exception_fails_only_that_request(served_model, monkeypatch):
             lines = [l for l in r.iter_lines() if l.startswith("data: ")]
         assert json.loads(lines[0][6:])["error"]["type"] == "server_error" and lines[-1] == "data: [DONE]"
         assert _ready(u)
-        assert _metric(u, "factorllm_request_success_total", {"finish_reason": "error"}) == 2
-        _wait_for(lambda: _idle(u), what="idle")
+        assert metric(u, "factorllm_request_success_total", {"finish_reason": "error"}) == 2
+        wait_for(lambda: _idle(u), what="idle")
     finally:
         server.should_exit = True
         thread.join(60)

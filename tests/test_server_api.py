@@ -10,24 +10,9 @@ import time
 import httpx
 import openai
 import pytest
-from server_fixture import FAST_FACTOR, ServerProcess
+from server_fixture import FAST_FACTOR, ServerProcess, metric, openai_error, wait_for
 
 PROMPT = "The capital of France is"
-
-
-def _metric(url: str, name: str, labels: dict | None = None) -> float:
-    from server.metrics import parse_text
-    samples = parse_text(httpx.get(url + "/metrics", timeout=10).text).get(name, [])
-    return sum(v for l, v in samples if all(l.get(k) == x for k, x in (labels or {}).items()))
-
-
-def _wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ----------------------------------------------------------------------------- basics
@@ -159,36 +144,29 @@ def _post(url, path, body=None, raw: bytes | None = None, headers=None):
                       headers={"content-type": "application/json", **(headers or {})}, timeout=60)
 
 
-def _is_openai_error(r, status: int) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    return err
-
-
 def test_errors_in_openai_shape(served, oai):
     u = served.url
-    _is_openai_error(_post(u, "/v1/completions", raw=b"{not json"), 400)
-    err = _is_openai_error(_post(u, "/v1/completions", {"prompt": "x", "temperature": "hot"}), 400)
+    openai_error(_post(u, "/v1/completions", raw=b"{not json"), 400)
+    err = openai_error(_post(u, "/v1/completions", {"prompt": "x", "temperature": "hot"}), 400)
     assert err["param"] == "temperature"
-    _is_openai_error(_post(u, "/v1/completions", {"max_tokens": 3}), 400)  # no prompt
-    _is_openai_error(_post(u, "/v1/completions", {"prompt": "x", "logprobs": 6}), 400)
-    _is_openai_error(_post(u, "/v1/chat/completions", {"messages": []}), 400)
-    _is_openai_error(_post(u, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}), 400)
-    _is_openai_error(_post(u, "/v1/completions", {"prompt": [10 ** 9]}), 400)  # token id out of range
-    err = _is_openai_error(_post(u, "/v1/completions", {"prompt": "x", "model": "gpt-17"}), 404)
+    openai_error(_post(u, "/v1/completions", {"max_tokens": 3}), 400)  # no prompt
+    openai_error(_post(u, "/v1/completions", {"prompt": "x", "logprobs": 6}), 400)
+    openai_error(_post(u, "/v1/chat/completions", {"messages": []}), 400)
+    openai_error(_post(u, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}), 400)
+    openai_error(_post(u, "/v1/completions", {"prompt": [10 ** 9]}), 400)  # token id out of range
+    err = openai_error(_post(u, "/v1/completions", {"prompt": "x", "model": "gpt-17"}), 404)
     assert err["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         oai.completions.create(model="gpt-17", prompt="x", max_tokens=1)
     # prompt + max_tokens beyond the context: 400 with the numbers
-    err = _is_openai_error(_post(u, "/v1/completions", {"prompt": PROMPT, "max_tokens": 600}), 400)
+    err = openai_error(_post(u, "/v1/completions", {"prompt": PROMPT, "max_tokens": 600}), 400)
     assert "512" in err["message"] and "605" in err["message"] and "600" in err["message"]
     assert err["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError, match="maximum context length is 512"):
         oai.chat.completions.create(model=oai.models.list().data[0].id, max_tokens=600,
                                     messages=[{"role": "user", "content": "hi"}])
     # body over --max-body-bytes (64 KiB): 413, with or without a content-length header
-    _is_openai_error(_post(u, "/v1/completions", {"prompt": "word " * 20000}), 413)
+    openai_error(_post(u, "/v1/completions", {"prompt": "word " * 20000}), 413)
 
     def chunked():
         yield b'{"prompt": "'
@@ -196,10 +174,10 @@ def test_errors_in_openai_shape(served, oai):
             yield b"x" * 1000
         yield b'"}'
     r = httpx.post(u + "/v1/completions", content=chunked(), headers={"content-type": "application/json"})
-    _is_openai_error(r, 413)
-    _is_openai_error(httpx.get(u + "/v1/nope"), 404)
-    assert _metric(u, "factorllm_requests_rejected_total", {"reason": "too_large"}) >= 2
-    assert _metric(u, "factorllm_requests_rejected_total", {"reason": "context_length"}) >= 2
+    openai_error(r, 413)
+    openai_error(httpx.get(u + "/v1/nope"), 404)
+    assert metric(u, "factorllm_requests_rejected_total", {"reason": "too_large"}) >= 2
+    assert metric(u, "factorllm_requests_rejected_total", {"reason": "context_length"}) >= 2
 
 
 def _long_stream(url: str, max_tokens: int, prompt: str = PROMPT) -> httpx.Response:
@@ -220,23 +198,23 @@ def test_queue_full_429_and_disconnect_frees_slots(served, oai):
     """4 running + 2 waiting fill the server; the next request gets 429 with Retry-After. Closing the
     connections aborts those requests at once and frees their slots."""
     u = served.url
-    aborted_before = _metric(u, "factorllm_request_success_total", {"finish_reason": "abort"})
+    aborted_before = metric(u, "factorllm_request_success_total", {"finish_reason": "abort"})
     streams = [_long_stream(u, 400) for _ in range(6)]
     try:
         assert all(s.status_code == 200 for s in streams)
-        _wait_for(lambda: _metric(u, "factorllm_num_requests_running") == 4, what="4 running")
+        wait_for(lambda: metric(u, "factorllm_num_requests_running") == 4, what="4 running")
         r = _post(u, "/v1/completions", {"prompt": "x", "max_tokens": 2})
-        err = _is_openai_error(r, 429)
+        err = openai_error(r, 429)
         assert r.headers["retry-after"] and err["code"] == "queue_full"
         with pytest.raises(openai.RateLimitError):
             oai.completions.create(model=oai.models.list().data[0].id, prompt="x", max_tokens=2)
     finally:
         for s in streams:
             _close(s)
-    _wait_for(lambda: _metric(u, "factorllm_num_requests_running") == 0
-              and _metric(u, "factorllm_num_requests_waiting") == 0, timeout=10, what="slots freed")
-    assert _metric(u, "factorllm_request_success_total", {"finish_reason": "abort"}) - aborted_before == 6
-    assert _metric(u, "factorllm_kv_cache_usage_ratio") == 0
+    wait_for(lambda: metric(u, "factorllm_num_requests_running") == 0
+              and metric(u, "factorllm_num_requests_waiting") == 0, timeout=10, what="slots freed")
+    assert metric(u, "factorllm_request_success_total", {"finish_reason": "abort"}) - aborted_before == 6
+    assert metric(u, "factorllm_kv_cache_usage_ratio") == 0
     # the server serves normally again
     r = oai.completions.create(model=oai.models.list().data[0].id, prompt="x", max_tokens=2)
     assert r.choices[0].text is not None
@@ -244,7 +222,7 @@ def test_queue_full_429_and_disconnect_frees_slots(served, oai):
 
 def test_non_streaming_disconnect_aborts(served):
     u = served.url
-    before = _metric(u, "factorllm_request_success_total", {"finish_reason": "abort"})
+    before = metric(u, "factorllm_request_success_total", {"finish_reason": "abort"})
 
     def fire():
         try:
@@ -255,9 +233,9 @@ def test_non_streaming_disconnect_aborts(served):
     t = threading.Thread(target=fire)
     t.start()
     t.join()
-    _wait_for(lambda: _metric(u, "factorllm_request_success_total", {"finish_reason": "abort"}) == before + 1,
+    wait_for(lambda: metric(u, "factorllm_request_success_total", {"finish_reason": "abort"}) == before + 1,
               what="the abandoned request to be aborted")
-    _wait_for(lambda: _metric(u, "factorllm_num_requests_running") == 0, what="slot freed")
+    wait_for(lambda: metric(u, "factorllm_num_requests_running") == 0, what="slot freed")
 
 
 def test_concurrent_requests_interleave(served):
@@ -301,10 +279,10 @@ def test_api_key_and_sigterm_drain(tmp_path):
     u = server.url
     auth = {"authorization": f"Bearer {key}"}
     try:
-        _is_openai_error(httpx.get(u + "/v1/models"), 401)
-        err = _is_openai_error(httpx.get(u + "/v1/models", headers={"authorization": "Bearer wrong"}), 401)
+        openai_error(httpx.get(u + "/v1/models"), 401)
+        err = openai_error(httpx.get(u + "/v1/models", headers={"authorization": "Bearer wrong"}), 401)
         assert err["code"] == "invalid_api_key"
-        _is_openai_error(_post(u, "/v1/completions", {"prompt": "x"}), 401)
+        openai_error(_post(u, "/v1/completions", {"prompt": "x"}), 401)
         assert httpx.get(u + "/v1/models", headers=auth).status_code == 200
         assert httpx.get(u + "/health").status_code == 200 and httpx.get(u + "/metrics").status_code == 200
         from openai import OpenAI
@@ -325,9 +303,9 @@ def test_api_key_and_sigterm_drain(tmp_path):
         lines = resp.iter_lines()
         next(l for l in lines if l.startswith("data: "))
         server.proc.send_signal(__import__("signal").SIGTERM)
-        _wait_for(lambda: httpx.get(u + "/ready").status_code == 503, what="/ready 503")
+        wait_for(lambda: httpx.get(u + "/ready").status_code == 503, what="/ready 503")
         r = _post(u, "/v1/completions", {"prompt": "x", "max_tokens": 2}, headers=auth)
-        assert _is_openai_error(r, 503)["code"] == "draining"
+        assert openai_error(r, 503)["code"] == "draining"
         rest = [l for l in lines if l]
         assert rest[-1] == "data: [DONE]"
         finals = [json.loads(l[6:])["choices"][0]["finish_reason"] for l in rest if l.startswith("data: {")]
