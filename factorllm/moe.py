@@ -2,8 +2,9 @@
 
 Expert e owns E = intermediate/N neurons: rows of gate_proj/up_proj and columns of down_proj.
 Weights are stacked per layer as `experts_gate [N, E, H]`, `experts_up [N, E, H]` and
-`experts_down [N, E, H]` (ready for grouped kernels and export). Optional shared neurons form
-an always-on dense `GatedMLP`.
+`experts_down [N, E, H]` (ready for grouped kernels and export). At inference gate and up run as
+one matmul per expert on a fused `[N, 2E, H]` tensor (see `gate_up`). Optional shared neurons
+form an always-on dense `GatedMLP`.
 
 Gates (a documented choice, all exact at K = N):
   * "sum":    y = sum of the K chosen experts (scale 1). Default: unchosen experts contribute
@@ -50,6 +51,7 @@ class MoEFFN(nn.Module):
         self.time_experts = False
         # Engine hook: keep the last forward's expert choices (per-request routing traces).
         self.record_routing = False
+        self._gate_up: tuple[torch.Tensor, tuple[int, int]] | None = None  # see gate_up
         self.last_idx: torch.Tensor | None = None
         self.last_entropy: torch.Tensor | None = None  # per token, when stats are collected
         self.reset_stats()
@@ -57,6 +59,27 @@ class MoEFFN(nn.Module):
     @property
     def expert_size(self) -> int:
         return self.experts_gate.shape[1]
+
+    def gate_up(self) -> torch.Tensor:
+        """[N, 2E, H]: each expert's gate rows, then its up rows, so that one matmul computes both.
+
+        Built once from experts_gate/experts_up, which then become views of it: no second copy,
+        and in-place updates (load_state_dict, copy_, an optimizer step) reach it. A parameter
+        given a new tensor (.to(), loading with assign=True) is noticed and it is rebuilt. While
+        those parameters train, it is concatenated afresh so that gradients reach them."""
+        g, u = self.experts_gate, self.experts_up
+        if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+            return torch.cat([g, u], 1)
+        if self._gate_up is None or (g.data_ptr(), u.data_ptr()) != self._gate_up[1]:
+            with torch.inference_mode(False):  # a normal tensor: the parameters stay usable for training
+                gu = torch.cat([g.detach(), u.detach()], 1)
+            g.data, u.data = gu[:, :g.shape[1]], gu[:, g.shape[1]:]
+            self._gate_up = gu, (g.data_ptr(), u.data_ptr())
+        return self._gate_up[0]
+
+    def _apply(self, fn, recurse=True):
+        self._gate_up = None  # .to()/.cuda() give the parameters new tensors: let the old one go
+        return super()._apply(fn, recurse)
 
     def reset_stats(self) -> None:
         device = self.router.weight.device
@@ -77,27 +100,31 @@ class MoEFFN(nn.Module):
         self.expert_seconds = [0.0] * self.num_experts
         return out if any(out) else None
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits [T, N], chosen experts [T, K] and their gate weights [T, K]."""
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Router logits [T, N], chosen experts [T, K] and their gate weights [T, K]; the weights
+        are None when every chosen expert counts once (the "sum" gate at inference), which
+        spares the dispatch paths a multiplication."""
         logits = self.router(x)
         probs = logits.float().softmax(-1)
         top_p, idx = probs.topk(self.top_k, dim=-1)
         if self.gate == "weighted":
             weights = self.top_k * top_p / top_p.sum(-1, keepdim=True)
-        else:
+        elif self.training:
             scale = self.num_experts / self.top_k if self.gate == "scaled" else 1.0
-            weights = torch.full_like(top_p, scale)
-            if self.training:
-                weights = weights * (1 + top_p - top_p.detach())
+            weights = scale * (1 + top_p - top_p.detach())
+        elif self.gate == "scaled":
+            weights = torch.full_like(top_p, self.num_experts / self.top_k)
+        else:
+            weights = None
         entropy = None
         if self.collect_stats and not self.training:
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-            self.token_counts += torch.bincount(idx.flatten(), minlength=self.num_experts)
-            self.entropy_sum += entropy.sum().double()
+            entropy = torch.special.entr(probs).sum(-1)
+            self.token_counts.add_(idx.flatten().bincount(minlength=self.num_experts))
+            self.entropy_sum.add_(entropy.sum())
             self.routed_tokens += x.shape[0]
         if self.record_routing:
             self.last_idx, self.last_entropy = idx, entropy
-        return logits, idx, weights.to(x.dtype)
+        return logits, idx, None if weights is None else weights.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -116,54 +143,70 @@ class MoEFFN(nn.Module):
                 return path
         return "grouped"
 
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(F.linear(x, self.experts_gate[e])) * F.linear(x, self.experts_up[e])
-        return h @ self.experts_down[e]
+    def expert_forward(self, e: int, x: torch.Tensor, w: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert e on tokens x [n, H]; w [n, 1] scales each token's hidden activations (its gate);
+        the result [n, H] is written into `out` when given."""
+        g, u = F.linear(x, self.gate_up()[e]).chunk(2, -1)
+        h = self.act(g) * u
+        if w is not None:
+            h = h * w  # [n, E]: cheaper here than on the [n, H] output
+        if out is not None and torch.is_grad_enabled():  # out= is not differentiable; a copy is
+            return out.copy_(h @ self.experts_down[e])
+        return torch.matmul(h, self.experts_down[e], out=out)
 
-    def grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Sort (token, expert) pairs by expert; one matmul chain per expert that has tokens."""
-        K = self.top_k
+    def grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Sort (token, expert) pairs by expert; one matmul chain per expert that has tokens, each
+        writing its rows of one buffer; the buffer is summed back into the tokens' rows."""
         flat_idx = idx.flatten()
         order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.num_experts).tolist()
-        token_of = order // K
-        xs = x[token_of]
+        counts = flat_idx.bincount(minlength=self.num_experts).tolist()
+        token_of = order // self.top_k
+        xs = x.index_select(0, token_of)  # a row copy: several times faster than x[token_of] on CPU
+        ws = None if weights is None else weights.flatten()[order, None]
         ys = torch.empty_like(xs)
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            if not self.time_experts:
-                ys[start:start + n] = self.expert_forward(e, xs[start:start + n])
-            elif x.is_cuda:  # events: no synchronization here
-                ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                ev[0].record()
-                ys[start:start + n] = self.expert_forward(e, xs[start:start + n])
-                ev[1].record()
-                self.expert_events.append((e, *ev))
-            else:
-                t0 = time.perf_counter()
-                ys[start:start + n] = self.expert_forward(e, xs[start:start + n])
-                self.expert_seconds[e] += time.perf_counter() - t0
+            rows = slice(start, start + n)
             start += n
-        ys = ys * weights.flatten()[order, None]
+            w = None if ws is None else ws[rows]
+            if self.time_experts:
+                self.timed_expert_forward(e, xs[rows], w, ys[rows])
+            else:
+                self.expert_forward(e, xs[rows], w, out=ys[rows])
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 
-    def gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Gather each token's K experts' weights (gpt-fast style): best for a few tokens."""
-        h = self.act(torch.einsum("th,tkeh->tke", x, self.experts_gate[idx]))
-        h = h * torch.einsum("th,tkeh->tke", x, self.experts_up[idx])
-        y = torch.einsum("tke,tkeh->tkh", h, self.experts_down[idx])
-        return (y * weights[..., None]).sum(1)
+    def timed_expert_forward(self, e: int, x: torch.Tensor, w: torch.Tensor | None, out: torch.Tensor) -> None:
+        if x.is_cuda:  # events: no synchronization here
+            ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ev[0].record()
+            self.expert_forward(e, x, w, out=out)
+            ev[1].record()
+            self.expert_events.append((e, *ev))
+        else:
+            t0 = time.perf_counter()
+            self.expert_forward(e, x, w, out=out)
+            self.expert_seconds[e] += time.perf_counter() - t0
 
-    def masked(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Gather each token's K experts' weights (gpt-fast style): meant for a few tokens on CUDA."""
+        g, u = torch.einsum("th,tkeh->tke", x, self.gate_up()[idx]).chunk(2, -1)
+        h = self.act(g) * u
+        if weights is not None:
+            h = h * weights[..., None]
+        return torch.einsum("tke,tkeh->th", h, self.experts_down[idx])
+
+    def masked(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """Run every expert on every token and zero the unchosen ones: the dense FFN's cost, for
         small batches whose tokens touch most experts anyway (decode), where it beats grouping."""
-        T, (N, E, H) = x.shape[0], self.experts_gate.shape
-        h = self.act(F.linear(x, self.experts_gate.view(N * E, H))) * F.linear(x, self.experts_up.view(N * E, H))
-        gate = torch.zeros(T, N, dtype=x.dtype, device=x.device).scatter_(1, idx, weights)
-        h = (h.view(T, N, E) * gate[..., None]).view(T, N * E)
-        return h @ self.experts_down.view(N * E, H)
+        T, (N, E, H) = x.shape[0], self.experts_down.shape
+        gu = F.linear(x, self.gate_up().view(N * 2 * E, H)).view(T, N, 2, E)
+        gate = x.new_zeros(T, N)
+        gate = gate.scatter_(1, idx, 1.0) if weights is None else gate.scatter_(1, idx, weights)
+        h = self.act(gu[:, :, 0]) * gu[:, :, 1] * gate[..., None]
+        return h.view(T, N * E) @ self.experts_down.view(N * E, H)
 
     @torch.no_grad()
     def tune_dispatch(self, candidates=(1, 2, 4, 8, 16, 32, 64), repeats: int = 5) -> list[tuple[int, str]]:

@@ -122,7 +122,7 @@ def check_layer_bound(ours, theirs, batches, tau):
         ok = (idx.sort(-1).values == block.gate(x)[2].sort(-1).values).all(-1)
         y, y2 = moe(x), block(x[None])[0]
         parts = torch.stack([moe.expert_forward(e, x) for e in range(moe.num_experts)])  # [N, T, H]
-        chosen = parts.norm(dim=-1).T.gather(1, idx) * w.abs()                           # [T, K]
+        chosen = parts.norm(dim=-1).T.gather(1, idx) * (1 if w is None else w.abs())       # [T, K]
         limit = bound * chosen.sum(-1) + 1e-4 * y.norm(dim=-1) + 1e-5
         err = (y - y2).norm(dim=-1)
         assert (err[ok] <= limit[ok]).all(), f"layer {i}: {(err / limit)[ok].max():.2f}x the bound"
