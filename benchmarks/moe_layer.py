@@ -1,7 +1,7 @@
 """Dense FFN vs factorized MoE layer, side by side in one run.
 
 For each token count and (N, K): median time of the dense FFN and of the MoE layer (each
-dispatch path: grouped, gathered, masked; and the one `tune_dispatch` picks), the speed-up over dense and its fraction of
+dispatch path in `DISPATCH_PATHS`, and the one `tune_dispatch` picks), the speed-up over dense and its fraction of
 the FLOP bound (N / K for routed experts, ignoring the router). Prints a table, writes JSON.
 
     python benchmarks/moe_layer.py [--tokens 1 8 64 512] [--configs 8x2 16x4 32x8] [--out FILE]
@@ -19,9 +19,9 @@ import torch
 from factorllm.factor_config import FactorConfig
 from factorllm.factorize import factorize_layer
 from factorllm.model import GatedMLP
+from factorllm.moe import DISPATCH_PATHS as PATHS
 
 
-PATHS = ("grouped", "gathered", "masked")
 
 
 def median_time(fn, repeats: int) -> float:
@@ -81,12 +81,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     configs = [tuple(int(v) for v in c.split("x")) for c in args.configs]
     rows = run(args.tokens, configs, args.repeats, args.layer, getattr(torch, args.dtype))
-    print("| tokens | N | K | dense ms | MoE ms (picked path) | grouped | gathered | masked | speed-up | FLOP bound | of bound |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| tokens | N | K | dense ms | MoE ms (picked path) | {' | '.join(PATHS)} | speed-up | FLOP bound | of bound |")
+    print("|---:|---:|---:|---:|---:|" + "---:|" * len(PATHS) + "---:|---:|---:|")
     for r in rows:
+        paths = " | ".join(f"{r[f'{path}_ms']:.3f}" for path in PATHS)
         print(f"| {r['tokens']} | {r['experts']} | {r['top_k']} | {r['dense_ms']:.3f} | {r['moe_ms']:.3f} ({r['path']}) | "
-              f"{r['grouped_ms']:.3f} | {r['gathered_ms']:.3f} | {r['masked_ms']:.3f} | {r['speedup']:.2f}x | "
-              f"{r['flop_bound']:.1f}x | {r['fraction_of_bound']:.2f} |")
+              f"{paths} | {r['speedup']:.2f}x | {r['flop_bound']:.1f}x | {r['fraction_of_bound']:.2f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": torch.get_num_threads(), "dtype": args.dtype, "repeats": args.repeats, "rows": rows}, indent=2))

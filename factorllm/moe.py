@@ -26,6 +26,8 @@ from torch import nn
 from .model import GatedMLP, activation
 
 GATES = ("sum", "scaled", "weighted")
+# Ways to run the experts on a batch (methods of MoEFFN); `tune_dispatch` picks one per batch size.
+DISPATCH_PATHS = ("grouped", "padded", "masked", "gathered")
 
 
 class MoEFFN(nn.Module):
@@ -190,6 +192,28 @@ class MoEFFN(nn.Module):
             self.expert_forward(e, x, w, out=out)
             self.expert_seconds[e] += time.perf_counter() - t0
 
+    def padded(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Each expert's tokens copied into its block of a zero-padded [N, C, H] tensor (C: the
+        most tokens any expert got) and two batched matmuls for all experts: a few kernel calls
+        in place of a loop, paid for with padding rows; for batches of a few dozen tokens."""
+        N, K = self.num_experts, self.top_k
+        flat_idx = idx.flatten()
+        order = flat_idx.argsort(stable=True)
+        expert = flat_idx[order]
+        counts = flat_idx.bincount(minlength=N)
+        C = int(counts.max())
+        # Row of each sorted (token, expert) pair in the padded tensor: its expert's block, then
+        # its rank among that expert's pairs.
+        slot = expert * C + torch.arange(len(order), device=x.device) - (counts.cumsum(0) - counts)[expert]
+        token_of = order // K
+        xp = x.new_zeros(N * C, x.shape[1]).index_copy_(0, slot, x.index_select(0, token_of))
+        g, u = torch.bmm(xp.view(N, C, -1), self.gate_up().transpose(1, 2)).chunk(2, -1)
+        h = self.act(g) * u
+        if weights is not None:
+            h = h * h.new_zeros(N * C).index_copy_(0, slot, weights.flatten()[order]).view(N, C, 1)
+        y = torch.bmm(h, self.experts_down).view(N * C, -1).index_select(0, slot)
+        return torch.zeros_like(x).index_add_(0, token_of, y)
+
     def gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """Gather each token's K experts' weights (gpt-fast style): meant for a few tokens on CUDA."""
         g, u = torch.einsum("th,tkeh->tke", x, self.gate_up()[idx]).chunk(2, -1)
@@ -219,7 +243,7 @@ class MoEFFN(nn.Module):
             x = torch.randn(n, p.shape[-1], dtype=p.dtype, device=p.device)
             _, idx, w = self.route(x)
             best = None
-            for name in ("gathered", "masked", "grouped"):
+            for name in DISPATCH_PATHS:
                 fn = getattr(self, name)
                 fn(x, idx, w)
                 times = []

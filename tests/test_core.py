@@ -207,8 +207,9 @@ def test_factorize_command_writes_a_loadable_checkpoint(tmp_path, default_model)
 
 @pytest.mark.parametrize("tokens", [1, 5, 40])
 def test_dispatch_paths_agree(default_model, tokens):
-    """grouped, gathered and masked dispatch compute the same layer output; the plan picks one."""
+    """Every dispatch path computes the same layer output; the plan picks one."""
     from factorllm.factorize import factorize_layer
+    from factorllm.moe import DISPATCH_PATHS
     dense = default_model.model.layers[3].mlp
     factor = FactorConfig(experts=8, top_k=3, partition="contiguous", router_init="random", gate="weighted")
     factor.validate(dense.gate_proj.out_features)
@@ -216,7 +217,7 @@ def test_dispatch_paths_agree(default_model, tokens):
     x = torch.randn(tokens, 576, generator=torch.Generator().manual_seed(tokens))
     with torch.no_grad():
         _, idx, w = moe.route(x)
-        outs = [getattr(moe, p)(x, idx, w) for p in ("grouped", "gathered", "masked")]
+        outs = [getattr(moe, p)(x, idx, w) for p in DISPATCH_PATHS]
         plan = moe.tune_dispatch(candidates=(1, 8), repeats=2)
         assert [n for n, _ in plan] == [1, 8] and moe.path_for(100) == "grouped"
         outs.append(moe(x))
