@@ -112,9 +112,53 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.act_name = act
         self.act = activation(act)
+        self.gate_up_proj: nn.Linear | None = None  # see fuse()
+        self.fused_away: tuple[str, ...] = ()       # projections forward() no longer calls
+
+    def fuse(self) -> None:
+        """One matmul for gate and up."""
+        fuse_into(self, "gate_up_proj", ("gate_proj", "up_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def fuse_into(module: nn.Module, name: str, parts: tuple[str, ...]) -> None:
+    """Give `module` a fused linear `name` over its linears `parts`, left out of state_dict (which
+    keeps the parts, so a fused model saves as the unfused one)."""
+    if getattr(module, name) is not None:
+        return
+    setattr(module, name, fused_linear(*(getattr(module, p) for p in parts)))
+    module.fused_away = parts
+
+    def drop_fused(mod, state_dict, prefix, local_metadata):
+        for key in [k for k in state_dict if k.startswith(f"{prefix}{name}.")]:
+            del state_dict[key]
+    module.register_state_dict_post_hook(drop_fused)
+
+
+def fused_linear(*parts: nn.Linear) -> nn.Linear:
+    """One nn.Linear computing the concatenated outputs of `parts` (one matmul instead of several:
+    inference engines use it). The parts' weights become views of the fused weight, so memory is
+    not doubled and factorization, export and state_dict still see the parts (see fuse_into)."""
+    w = parts[0].weight
+    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                      device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    offset = 0
+    for p in parts:  # (the parts stay the source of truth for saving; train before fusing)
+        n = p.out_features
+        p.weight = nn.Parameter(fused.weight.detach()[offset:offset + n], requires_grad=p.weight.requires_grad)
+        if p.bias is not None:
+            p.bias = nn.Parameter(fused.bias.detach()[offset:offset + n], requires_grad=p.bias.requires_grad)
+        offset += n
+    return fused
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -168,16 +212,31 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.qkv_proj: nn.Linear | None = None  # see fuse()
+        self.fused_away: tuple[str, ...] = ()  # projections forward() no longer calls
+
+    def fuse(self) -> None:
+        """One matmul for q, k and v, and one rotary embedding for q and k together."""
+        fuse_into(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
 
     def forward(self, x, cos, sin, mask, cache=None, layer: int = 0, batch=None):
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.num_attention_heads, cfg.head_dim)
-        k = self.k_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim)
-        v = self.v_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if self.qkv_proj is not None and not cfg.qk_norm:
+            qkv = self.qkv_proj(x)
+            qk = apply_rope(qkv[..., :(H + KV) * D].view(B, T, H + KV, D), cos, sin)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+            v = qkv[..., (H + KV) * D:].view(B, T, KV, D)
+        else:
+            if self.qkv_proj is not None:
+                q, k, v = self.qkv_proj(x).split([H * D, KV * D, KV * D], dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, KV, D), v.reshape(B, T, KV, D)
+            if cfg.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal = mask is None
         if cache is not None:
             k, v = cache.update(layer, batch, k, v)
@@ -230,6 +289,13 @@ class Transformer(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers
+
+    def fuse(self) -> "Transformer":
+        """Fuse each attention's q/k/v and each dense FFN's gate/up projections (engines call this)."""
+        for m in self.modules():
+            if isinstance(m, (Attention, GatedMLP)):
+                m.fuse()
+        return self
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       cache=None, batch=None) -> torch.Tensor:

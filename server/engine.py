@@ -212,7 +212,7 @@ class Engine:
         self.model_name = loaded.name
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval().fuse()
         cfg = self.model.config
         self.vocab_size = cfg.vocab_size
         self.max_model_len = min(config.max_model_len, cfg.max_position_embeddings)
@@ -244,7 +244,7 @@ class Engine:
         try:
             for parent in list(self.model.modules()):
                 for name, child in list(parent.named_children()):
-                    if type(child) is torch.nn.Linear:
+                    if type(child) is torch.nn.Linear and name not in getattr(parent, "fused_away", ()):
                         setattr(parent, name, PackedLinear(child, self.config.max_num_seqs))
         except Exception as e:  # builds without oneDNN or with another op signature: plain linears
             log.info("no prepacked bf16 linears (%s)", e)

@@ -298,3 +298,20 @@ def test_detokenizer_holds_back_partial_stop_strings(default_model):
     d = IncrementalDetokenizer(tok, [])
     pieces = [d.add(t)[0] for t in ids]
     assert all("\ufffd" not in p for p in pieces) and "".join(pieces) + d.flush() == "tea 🍵 and 日本語"
+
+
+def test_fused_projections_match_and_save_unfused(sample_tokens):
+    """The engine fuses q/k/v and gate/up into one matmul each: same logits (fp32), and the
+    state_dict still holds exactly the unfused tensors, so a fused model saves as before."""
+    from factorllm.loading import load_model
+    m = load_model("default").model
+    with torch.inference_mode():
+        before = m(sample_tokens)
+    keys = {k: v.clone() for k, v in m.state_dict().items()}
+    m.fuse()
+    assert m.layers[0].self_attn.qkv_proj is not None and m.layers[0].mlp.gate_up_proj is not None
+    with torch.inference_mode():
+        after = m(sample_tokens)
+    assert (before - after).abs().max().item() <= 1e-4
+    state = m.state_dict()
+    assert set(state) == set(keys) and all(torch.equal(state[k], keys[k]) for k in keys)
