@@ -67,6 +67,7 @@ async def one_request(client: httpx.AsyncClient, url: str, mode: str, rng: rando
     if not body["stream"]:
         body.pop("stream_options")
     tally.sent[mode] += 1
+    stage = "sending"  # where a transport error struck, for the report
     try:
         if mode == "abandon-complete":  # give up after a moment: the server must abort the request
             try:
@@ -100,6 +101,7 @@ async def one_request(client: httpx.AsyncClient, url: str, mode: str, rng: rando
                 return
             tally.accepted += 1
             chunks, done = 0, False
+            stage = "reading the stream"
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -113,6 +115,7 @@ async def one_request(client: httpx.AsyncClient, url: str, mode: str, rng: rando
                     tally.tokens_received += chunk["usage"]["completion_tokens"]
                 chunks += 1
                 if stop_after is not None and chunks >= stop_after:
+                    stage = "closing the stream early"
                     break  # leaving the context closes the connection mid-stream
             if done:
                 tally.completed += 1
@@ -121,7 +124,7 @@ async def one_request(client: httpx.AsyncClient, url: str, mode: str, rng: rando
             else:
                 tally.errors.append(f"{mode}: stream ended without [DONE]")
     except httpx.HTTPError as e:
-        tally.errors.append(f"{mode}: {type(e).__name__}: {e}")
+        tally.errors.append(f"{mode}: {type(e).__name__} while {stage}: {e!r} (cause {e.__cause__!r})")
 
 
 async def run_load(url: str, streams: int, duration: float, seed: int, tally: Tally,
