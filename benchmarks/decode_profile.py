@@ -1,0 +1,90 @@
+"""Where a decode step's time goes: torch profiler over engine decode steps, grouped by op.
+
+    python benchmarks/decode_profile.py [--batch 1 16] [--preset fast] [--threads 2]
+
+Builds the engine's model (fused projections, prepacked bf16 linears on CPU), fills B cache rows
+to --context positions, times --steps decode steps (median) and profiles them; prints, per batch
+size, the step time and the ops with the most self time, and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from factorllm.kv_cache import CacheBatch  # noqa: E402
+from factorllm.loading import load_model  # noqa: E402
+from factorllm.pipeline import cached_factorized, factor_config_from  # noqa: E402
+from server.engine import Engine, EngineConfig  # noqa: E402
+
+
+def decode_step(engine: Engine, tokens: torch.Tensor, context: int) -> torch.Tensor:
+    B = tokens.shape[0]
+    batch = CacheBatch.build(list(range(B)), [context] * B, [1] * B, engine.device)
+    h = engine.model.hidden_states(tokens, cache=engine.cache, batch=batch)
+    return engine._lm_head(h[:, 0]).float()
+
+
+@torch.inference_mode()
+def profile_batch(engine: Engine, B: int, context: int, steps: int, top: int) -> dict:
+    tokens = (torch.arange(B, device=engine.device)[:, None] * 7 + 5)
+    for _ in range(3):
+        decode_step(engine, tokens, context)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        decode_step(engine, tokens, context)
+        times.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            decode_step(engine, tokens, context)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    ops = [{"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": e.self_cpu_time_total / 1000 / steps,
+            "share": e.self_cpu_time_total / total} for e in events[:top]]
+    return {"batch": B, "step_ms_median": statistics.median(times) * 1000,
+            "ops_per_step": sum(e.count for e in events) / steps, "top_ops": ops}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--preset", choices=("quality", "fast"), help="profile a factorized preset instead of dense")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--context", type=int, default=100, help="cached positions per row")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "decode_profile.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = (cached_factorized(args.model, factor_config_from(args.preset)) if args.preset
+              else load_model(args.model))
+    engine = Engine(loaded, EngineConfig(max_num_seqs=max(args.batch), max_model_len=args.context + 16,
+                                         dtype=args.dtype))
+    rows = [profile_batch(engine, B, args.context, args.steps, args.top) for B in args.batch]
+    for r in rows:
+        print(f"\nB = {r['batch']}: {r['step_ms_median']:.1f} ms per step (median of {args.steps}), "
+              f"{r["ops_per_step"]:.0f} profiler events per step ({engine.dtype}, {torch.get_num_threads()} threads)")
+        print("| op | calls/step | ms/step | share of op time |\n|---|---:|---:|---:|")
+        for o in r["top_ops"]:
+            print(f"| {o['op']} | {o['calls_per_step']:.0f} | {o['ms_per_step']:.2f} | {o['share']:.0%} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"model": loaded.name, "dtype": str(engine.dtype), "threads": torch.get_num_threads(),
+                                    "context": args.context, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
