@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     rows = [profile_batch(engine, B, args.context, args.steps, args.top) for B in args.batch]
     for r in rows:
         print(f"\nB = {r['batch']}: {r['step_ms_median']:.1f} ms per step (median of {args.steps}), "
-              f"{r["ops_per_step"]:.0f} profiler events per step ({engine.dtype}, {torch.get_num_threads()} threads)")
+              f"{r['ops_per_step']:.0f} profiler events per step ({engine.dtype}, {torch.get_num_threads()} threads)")
         print("| op | calls/step | ms/step | share of op time |\n|---|---:|---:|---:|")
         for o in r["top_ops"]:
             print(f"| {o['op']} | {o['calls_per_step']:.0f} | {o['ms_per_step']:.2f} | {o['share']:.0%} |")
