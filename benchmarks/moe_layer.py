@@ -1,8 +1,9 @@
 """Dense FFN vs factorized MoE layer, side by side in one run.
 
 For each token count and (N, K): median time of the dense FFN and of the MoE layer (each
-dispatch path in `DISPATCH_PATHS`, and the one `tune_dispatch` picks), the speed-up over dense and its fraction of
-the FLOP bound (N / K for routed experts, ignoring the router). Prints a table, writes JSON.
+dispatch path in `DISPATCH_PATHS`, and the whole layer with the path `tune_dispatch` picks), all
+timed in turns; the speed-up over dense and its fraction of the FLOP bound (N / K for routed
+experts, ignoring the router). Prints a table, writes JSON.
 
     python benchmarks/moe_layer.py [--tokens 1 8 64 512] [--configs 8x2 16x4 32x8] [--out FILE]
 """
@@ -24,14 +25,18 @@ from factorllm.moe import DISPATCH_PATHS as PATHS
 
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_times(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, run in turns (one call of each per round) so that other
+    work on the machine disturbs them all alike."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def real_ffn(layer: int, dtype: torch.dtype) -> GatedMLP:
@@ -55,10 +60,10 @@ def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: 
         for t in tokens:
             x = torch.randn(t, hidden, dtype=dtype)
             _, idx, w = moe.route(x)
-            row = dict(tokens=t, experts=n, top_k=k, dense_ms=median_time(lambda: dense(x), repeats) * 1e3)
-            for path in PATHS:
-                row[f"{path}_ms"] = median_time(lambda: getattr(moe, path)(x, idx, w), repeats) * 1e3
-            row["moe_ms"] = median_time(lambda: moe(x), repeats) * 1e3
+            fns = {"dense": lambda: dense(x), "moe": lambda: moe(x)}
+            fns.update({path: (lambda path=path: getattr(moe, path)(x, idx, w)) for path in PATHS})
+            row = dict(tokens=t, experts=n, top_k=k)
+            row.update({f"{name}_ms": s * 1e3 for name, s in median_times(fns, repeats).items()})
             row["path"] = moe.path_for(t)
             row["speedup"] = row["dense_ms"] / row["moe_ms"]
             row["flop_bound"] = n / k

@@ -236,27 +236,24 @@ class MoEFFN(nn.Module):
     def tune_dispatch(self, candidates=(1, 2, 4, 8, 16, 32, 64), repeats: int = 5) -> list[tuple[int, str]]:
         """Time each dispatch path at each candidate token count; remember the fastest per count.
 
-        Counts above the largest candidate use "grouped" (it wins at prefill sizes)."""
+        The paths run in turns, and each keeps its least disturbed time, so that other work on the
+        machine does not decide the choice. Counts above the largest candidate use "grouped" (it
+        wins at prefill sizes)."""
         p = self.experts_gate
         plan = []
         for n in candidates:
             x = torch.randn(n, p.shape[-1], dtype=p.dtype, device=p.device)
             _, idx, w = self.route(x)
-            best = None
-            for name in DISPATCH_PATHS:
-                fn = getattr(self, name)
-                fn(x, idx, w)
-                times = []
-                for _ in range(repeats):
+            best = {name: float("inf") for name in DISPATCH_PATHS}
+            for i in range(repeats + 1):  # the first round warms up
+                for name in DISPATCH_PATHS:
                     t0 = time.perf_counter()
-                    fn(x, idx, w)
+                    getattr(self, name)(x, idx, w)
                     if p.is_cuda:
                         torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-                t = min(times)  # the least disturbed run: robust to other work on the machine
-                if best is None or t < best[0]:
-                    best = (t, name)
-            plan.append((n, best[1]))
+                    if i:
+                        best[name] = min(best[name], time.perf_counter() - t0)
+            plan.append((n, min(best, key=best.get)))
         self.dispatch_plan = plan
         self.reset_stats()
         return plan
