@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,3 +318,17 @@ def test_fused_projections_match_and_save_unfused(sample_tokens):
     assert (before - after).abs().max().item() <= 1e-4
     state = m.state_dict()
     assert set(state) == set(keys) and all(torch.equal(state[k], keys[k]) for k in keys)
+
+
+def test_decode_profile_benchmark_runs(tmp_path):
+    """benchmarks/decode_profile.py on the real model: step times and the op table, as JSON."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_profile.py"
+    spec = importlib.util.spec_from_file_location("decode_profile", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "profile.json"
+    assert mod.main(["--batch", "1", "3", "--steps", "2", "--context", "20", "--dtype", "float32",
+                     "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3] and all(r["step_ms_median"] > 0 for r in rows)
+    assert any("linear" in o["op"] or "addmm" in o["op"] or "mm" in o["op"] for o in rows[0]["top_ops"])
