@@ -215,7 +215,7 @@ def test_overload_answers_429_quickly(served):
     wait_for(lambda: _idle(u), what="idle")
 
 
-def test_engine_exception_fails_only_that_request(served_model, monkeypatch):
+def test_engine_exception_fails_only_that_request(served, monkeypatch):
     """A fault inside one request's sampling (injected into the real engine) fails that request
     alone with 500 in the error shape; the requests batched with it finish with the same text they
     give alone, and the server stays ready."""
@@ -234,9 +234,12 @@ def test_engine_exception_fails_only_that_request(served_model, monkeypatch):
     real_sample = engine_mod.sample
     monkeypatch.setattr(engine_mod, "sample", faulty_sample)
 
+    from factorllm.loading import load_model
+    # its own copy of the served checkpoint: the engine converts and fuses the model it is given
+    loaded = load_model(httpx.get(served.url + "/v1/models").json()["data"][0]["root"])
     port = free_port()
     settings = ServerSettings(port=port, dtype="float32", max_num_seqs=4, max_model_len=256)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, served_model), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, loaded), host="127.0.0.1", port=port,
                                            log_config=None, lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
