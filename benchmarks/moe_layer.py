@@ -26,13 +26,13 @@ from factorllm.moe import DISPATCH_PATHS as PATHS
 
 
 def median_times(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function, run in turns (one call of each per round) so that other
-    work on the machine disturbs them all alike."""
+    """Median seconds of each function, run in turns so that other work on the machine disturbs
+    them all alike. Each timed call follows an untimed one of the same function: every function
+    is timed with its own weights in cache, whichever ran before it."""
     times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
     for _ in range(repeats):
         for name, fn in fns.items():
+            fn()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
