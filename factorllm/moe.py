@@ -85,8 +85,11 @@ class MoEFFN(nn.Module):
 
     def reset_stats(self) -> None:
         device = self.router.weight.device
-        self.token_counts = torch.zeros(self.num_experts, dtype=torch.long, device=device)
-        self.entropy_sum = torch.zeros((), dtype=torch.float64, device=device)
+        # Normal tensors even when called under inference mode (the engine's warm-up), so that the
+        # same model can still run outside it afterwards (in-place updates of inference tensors fail).
+        with torch.inference_mode(False):
+            self.token_counts = torch.zeros(self.num_experts, dtype=torch.long, device=device)
+            self.entropy_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.routed_tokens = 0
         self.expert_seconds = [0.0] * self.num_experts
         self.expert_events: list = []  # CUDA: (expert, start, end) events, resolved later

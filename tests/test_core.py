@@ -223,3 +223,18 @@ def test_dispatch_paths_agree(default_model, tokens):
         outs.append(moe(x))
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-4, atol=1e-3)
+
+
+def test_moe_stats_reset_under_inference_mode_stay_usable_outside():
+    """The engine resets routing stats inside inference mode; the layer must still run (and count)
+    outside it afterwards, e.g. when the same model is scored directly."""
+    from factorllm.moe import MoEFFN
+    m = MoEFFN(16, 4, 4, 2).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    with torch.inference_mode():
+        m.reset_stats()
+        m(torch.randn(3, 16))
+    with torch.no_grad():
+        m(torch.randn(3, 16))
+    assert m.token_counts.sum().item() == 2 * 3 * 2
