@@ -25,14 +25,19 @@ from factorllm.moe import DISPATCH_PATHS as PATHS
 
 
 
+WARM_CALLS = 3
+
+
 def median_times(fns: dict, repeats: int) -> dict:
     """Median seconds of each function, run in turns so that other work on the machine disturbs
-    them all alike. Each timed call follows an untimed one of the same function: every function
-    is timed with its own weights in cache, whichever ran before it."""
+    them all alike. Each timed call follows untimed ones of the same function, so that every
+    function is timed in its own steady state whichever ran before it: after the dense FFN, one
+    warm-up call was not enough (the next function's first two calls measured ~0.25 ms slow)."""
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            fn()
+            for _ in range(WARM_CALLS):
+                fn()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
