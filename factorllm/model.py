@@ -216,24 +216,24 @@ class Attention(nn.Module):
         self.fused_away: tuple[str, ...] = ()  # projections forward() no longer calls
 
     def fuse(self) -> None:
-        """One matmul for q, k and v, and one rotary embedding for q and k together."""
-        fuse_into(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
+        """One matmul for q, k and v, and one rotary embedding for q and k together. Models that
+        normalize q and k separately before the rotation (Qwen3) keep their three projections."""
+        if not self.cfg.qk_norm:
+            fuse_into(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
 
     def forward(self, x, cos, sin, mask, cache=None, layer: int = 0, batch=None):
         B, T, _ = x.shape
         cfg = self.cfg
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        if self.qkv_proj is not None and not cfg.qk_norm:
+        if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)
             qk = apply_rope(qkv[..., :(H + KV) * D].view(B, T, H + KV, D), cos, sin)
             q, k = qk[:, :, :H], qk[:, :, H:]
             v = qkv[..., (H + KV) * D:].view(B, T, KV, D)
         else:
-            if self.qkv_proj is not None:
-                q, k, v = self.qkv_proj(x).split([H * D, KV * D, KV * D], dim=-1)
-            else:
-                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-            q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, KV, D), v.reshape(B, T, KV, D)
+            q = self.q_proj(x).view(B, T, H, D)
+            k = self.k_proj(x).view(B, T, KV, D)
+            v = self.v_proj(x).view(B, T, KV, D)
             if cfg.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -273,19 +274,19 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
         card = ModelCard(id=name, root=str(loaded.source), max_model_len=_max_len(state), factorllm=info)
         return ModelList(data=[card]).model_dump()
 
+    async def generate(request: Request, body: type[BaseModel], run):
+        _check_serving(state)
+        req = await _parse(request, body, state)
+        _check_model(req.model, name, metrics)
+        return await run(request, req, state)
+
     @v1.post("/completions", **_documented(CompletionRequest, CompletionResponse, streams=True))
     async def completions(request: Request):
-        _check_serving(state)
-        req = await _parse(request, CompletionRequest, state)
-        _check_model(req.model, name, metrics)
-        return await _run_completion(request, req, state)
+        return await generate(request, CompletionRequest, _run_completion)
 
     @v1.post("/chat/completions", **_documented(ChatCompletionRequest, ChatCompletionResponse, streams=True))
     async def chat_completions(request: Request):
-        _check_serving(state)
-        req = await _parse(request, ChatCompletionRequest, state)
-        _check_model(req.model, name, metrics)
-        return await _run_chat(request, req, state)
+        return await generate(request, ChatCompletionRequest, _run_chat)
 
     app.include_router(v1)
     return app
@@ -398,7 +399,6 @@ def _chat_prompt_ids(tok, messages, add_generation_prompt: bool, continue_final:
     if getattr(tok, "chat_template", None) is None:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + ("assistant: " if add_generation_prompt else "")
         return _encode(tok, text, add_special_tokens=False)
-    from jinja2 import TemplateError
     try:
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt and not continue_final,
                                        continue_final_message=continue_final)
