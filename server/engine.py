@@ -202,6 +202,20 @@ def available_host_memory() -> int:
         raise
 
 
+def padding_groups(chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+    """Prefill chunks grouped into forwards in which every row is at least half as long as the
+    longest, so that padding never doubles the work (one 500-token prompt beside fifteen 10-token
+    ones would otherwise run as 16 x 500 tokens) and the largest forward is bounded by twice the
+    step's token budget."""
+    groups: list[list[tuple[Sequence, int]]] = []
+    for chunk in sorted(chunks, key=lambda c: -c[1]):
+        if groups and 2 * chunk[1] >= groups[-1][0][1]:
+            groups[-1].append(chunk)
+        else:
+            groups.append([chunk])
+    return groups
+
+
 # --------------------------------------------------------------------------- the engine
 
 class Engine:
@@ -286,11 +300,13 @@ class Engine:
 
     # ---- lifecycle
     async def start(self) -> None:
-        """Warm up (a tiny forward, MoE dispatch tuning) and start the step thread."""
-        await asyncio.get_running_loop().run_in_executor(None, self._warm_up)
+        """Start the step thread and wait for its warm-up (see `_warm_up`)."""
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="factorllm-engine", daemon=True)
+        self._thread = threading.Thread(target=self._main, args=(loop, ready), name="factorllm-engine", daemon=True)
         self._thread.start()
+        await ready
 
     async def stop(self) -> None:
         self._stopping = True
@@ -302,18 +318,44 @@ class Engine:
             for seq in list(self.seqs.values()):
                 self._finish(seq, "abort")
 
+    def _main(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future) -> None:
+        # The warm-up runs on the step thread itself: glibc gives each thread its own malloc
+        # arena, so only here does it grow the heap that the steps will reuse.
+        def settle(error: BaseException | None) -> None:
+            if not ready.done():
+                ready.set_result(None) if error is None else ready.set_exception(error)
+        try:
+            self._warm_up()
+        except BaseException as e:
+            loop.call_soon_threadsafe(settle, e)
+            return
+        loop.call_soon_threadsafe(settle, None)
+        self._run()
+
     @torch.inference_mode()
     def _warm_up(self) -> None:
+        """Tune the MoE dispatch, then a profile run (as vLLM does): the largest prefill chunk and
+        the largest decode batch the configuration allows, each twice, so that the allocator
+        reaches its high-water mark before the first request and resident memory stays flat
+        under load (the first pass raises glibc's mmap threshold, the second fills the heap)."""
         tuned: dict[tuple, list] = {}
         for m in self.moes:  # layers of one shape and top-k dispatch alike: tune each kind once
             key = (m.num_experts, m.top_k, m.expert_size)
             if key not in tuned:
                 tuned[key] = m.tune_dispatch()
             m.dispatch_plan = tuned[key]
-            m.reset_stats()
-        batch = CacheBatch.build([0], [0], [4], self.device)
-        self.model.hidden_states(torch.zeros(1, 4, dtype=torch.long, device=self.device),
-                                 cache=self.cache, batch=batch)
+        chunk = min(self.config.max_num_batched_tokens, self.max_model_len)
+        B, last = self.max_num_seqs, self.max_model_len - 1
+        for _ in range(2):
+            batch = CacheBatch.build([0], [0], [chunk], self.device)
+            h = self.model.hidden_states(torch.zeros(1, chunk, dtype=torch.long, device=self.device),
+                                         cache=self.cache, batch=batch)
+            self._lm_head(h[:, -1]).float()
+            # Rows at different positions: the explicit-mask attention over the longest span.
+            batch = CacheBatch.build(list(range(B)), [last - b % 2 for b in range(B)], [1] * B, self.device)
+            h = self.model.hidden_states(torch.zeros(B, 1, dtype=torch.long, device=self.device),
+                                         cache=self.cache, batch=batch)
+            self._lm_head(h[:, 0]).float()
         for m in self.moes:
             m.reset_stats()
 
@@ -487,9 +529,16 @@ class Engine:
         return self._lm_head(h[:, 0]).float()
 
     def _prefill(self, chunks: list[tuple[Sequence, int]], record: bool) -> tuple[list[Sequence], torch.Tensor | None]:
-        """The next prompt chunk of each sequence, all in one padded forward [P, T]. Returns the
-        sequences whose prompt is now complete and their last position's logits [n, V]; also
-        fills prompt logprobs where asked."""
+        """The next prompt chunk of each sequence, in padded forwards [P, T] of similar-length rows
+        (`padding_groups`). Returns the sequences whose prompt is now complete and their last
+        position's logits [n, V]; also fills prompt logprobs where asked."""
+        done, last = [], []
+        for group in padding_groups(chunks):
+            self._prefill_group(group, record, done, last)
+        return done, (self._lm_head(torch.stack(last)).float() if last else None)
+
+    def _prefill_group(self, chunks: list[tuple[Sequence, int]], record: bool,
+                       done: list[Sequence], last: list[torch.Tensor]) -> None:
         seqs = [s for s, _ in chunks]
         ns = [n for _, n in chunks]
         starts = [s.num_computed for s in seqs]
@@ -502,7 +551,6 @@ class Engine:
         h = self.model.hidden_states(self._tensor([t for row in ids for t in row]).view(len(seqs), T), cache=self.cache, batch=batch)
         if record:
             self._record_routing(seqs, T, ns)
-        done, last = [], []
         for i, (seq, start, n) in enumerate(zip(seqs, starts, ns)):
             seq.num_computed += n
             if seq.prompt_logprobs is not None:
@@ -519,7 +567,6 @@ class Engine:
             if seq.num_computed >= len(seq.prompt_ids):
                 done.append(seq)
                 last.append(h[i, n - 1])
-        return done, (self._lm_head(torch.stack(last)).float() if last else None)
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor | None):
         """Sampled ids (an Exception in place of a request's id if its sampling failed) and

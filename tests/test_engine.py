@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.engine import Engine, EngineConfig, EngineRequest, SamplingParams
+from server.engine import Engine, EngineConfig, EngineRequest, SamplingParams, padding_groups
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "Photosynthesis is the process by which"]
@@ -89,6 +89,17 @@ def test_same_tokens_alone_and_batched(engine, default_model):
     for a, b in zip(alone, batched):
         assert a["ids"] == b["ids"] and a["text"] == b["text"]
     assert engine.num_free_slots == engine.max_num_seqs
+
+
+def test_prefill_padding_is_bounded():
+    """Short prompts never run padded to a long one's length; no forward pads beyond 2x."""
+    chunks = [(f"s{i}", n) for i, n in enumerate([10, 500, 7, 260, 12, 1, 130, 9, 255])]
+    groups = padding_groups(chunks)
+    assert sorted(c for g in groups for c in g) == sorted(chunks)
+    for g in groups:
+        longest = max(n for _, n in g)
+        assert len(g) * longest <= 2 * sum(n for _, n in g)
+    assert [[n for _, n in g] for g in groups] == [[500, 260, 255], [130], [12, 10, 9, 7], [1]]
 
 
 def test_abort_frees_slot_at_once(engine, default_model):
