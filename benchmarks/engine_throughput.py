@@ -5,9 +5,10 @@ engine on the dense model (fp32 and the platform's fast dtype) and on factorized
 ("quality" preset) and ~25% ("fast" preset) active FFN. Every sequence generates exactly
 --tokens tokens (EOS ignored); time covers prefill and decode. Each cell is the median of
 --repeats runs; configurations are interleaved per repeat so that load from other processes
-hits them alike. Ratios are within this one run.
+hits them alike. Ratios are within this one run. Decoding is greedy; `--sampling nucleus`
+samples at temperature 1 with top_p 0.95 instead (seeded, HF alike), which adds the sampler's cost.
 
-    python benchmarks/engine_throughput.py [--quick] [--out results.json]
+    python benchmarks/engine_throughput.py [--quick] [--sampling greedy|nucleus] [--out results.json]
 """
 from __future__ import annotations
 
@@ -39,27 +40,33 @@ def prompts_for(tokenizer, n: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def hf_run(hf, tokenizer, n: int, tokens: int) -> float:
+def hf_run(hf, tokenizer, n: int, tokens: int, nucleus: bool) -> float:
     ids = prompts_for(tokenizer, n)
     width = max(map(len, ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     x = torch.tensor([[pad] * (width - len(p)) + p for p in ids])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+    sampling = dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0) if nucleus else dict(do_sample=False)
+    torch.manual_seed(0)
     t0 = time.perf_counter()
-    out = hf.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
-                      pad_token_id=pad)
+    out = hf.generate(x, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=pad,
+                      **sampling)
     dt = time.perf_counter() - t0
     assert out.shape[1] - width == tokens
     return n * tokens / dt
 
 
-async def engine_run_async(engine: Engine, n: int, tokens: int) -> float:
+async def engine_run_async(engine: Engine, n: int, tokens: int, nucleus: bool) -> float:
     ids = prompts_for(engine.tokenizer, n)
-    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+
+    def params(i: int) -> SamplingParams:
+        if nucleus:
+            return SamplingParams(max_tokens=tokens, temperature=1.0, top_p=0.95, seed=i, ignore_eos=True)
+        return SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
 
     async def one(i):
         count = 0
-        async for inc in engine.submit(EngineRequest(f"b{time.monotonic_ns()}-{i}", ids[i], params)):
+        async for inc in engine.submit(EngineRequest(f"b{time.monotonic_ns()}-{i}", ids[i], params(i))):
             count += len(inc.token_ids)
         return count
     t0 = time.perf_counter()
@@ -75,6 +82,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="generated tokens per sequence (default 64, quick 32)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per cell (default 3, quick 1)")
     ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--sampling", choices=("greedy", "nucleus"), default="greedy")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="dtype of the engine's fast rows (auto: see server/engine.py)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -88,6 +96,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     max_len = 64 + tokens
+    nucleus = args.sampling == "nucleus"
 
     dense = load_model("default")
     systems = {}  # name -> callable(n) -> tok/s
@@ -99,12 +108,12 @@ def main() -> None:
                                           dtype=dtype))
         loop.run_until_complete(eng.start())
         engines.append(eng)
-        systems[name] = (lambda n, e=eng: loop.run_until_complete(engine_run_async(e, n, tokens)), str(eng.dtype))
+        systems[name] = (lambda n, e=eng: loop.run_until_complete(engine_run_async(e, n, tokens, nucleus)), str(eng.dtype))
 
     if "hf" not in skip:
         from transformers import AutoModelForCausalLM
         hf = AutoModelForCausalLM.from_pretrained(dense.path, dtype=torch.float32).eval()
-        systems["hf-generate"] = (lambda n: hf_run(hf, dense.tokenizer, n, tokens), "torch.float32")
+        systems["hf-generate"] = (lambda n: hf_run(hf, dense.tokenizer, n, tokens, nucleus), "torch.float32")
     if "dense-fp32" not in skip:
         add_engine("engine-dense-fp32", load_model("default"), "float32")
     if "dense" not in skip:
@@ -130,7 +139,7 @@ def main() -> None:
 
     # Ratio columns: against HF generate and against the dense engine, where they ran.
     refs = [(label, ref) for label, ref in (("xHF", "hf-generate"), ("xDense", "engine-dense")) if ref in med]
-    print(f"\noutput tokens/s, median of {repeats}; {tokens} tokens per sequence; torch {torch.__version__}, "
+    print(f"\noutput tokens/s, median of {repeats}; {tokens} tokens per sequence, {args.sampling}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {engines[0].device if engines else 'cpu'}")
     head = f"{'system':<26} {'dtype':<9}" + "".join(f" {f'n={n}':>9}" for n in conc)
     head += "".join(f" {f'{label}@{n}':>10}" for label, _ in refs for n in conc)
@@ -140,7 +149,7 @@ def main() -> None:
         line += "".join(f" {med[name][n] / med[ref][n]:10.2f}" for _, ref in refs for n in conc)
         print(line)
     if args.out:
-        out = {"tokens_per_sequence": tokens, "repeats": repeats, "concurrency": conc,
+        out = {"tokens_per_sequence": tokens, "sampling": args.sampling, "repeats": repeats, "concurrency": conc,
                "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                "device": str(engines[0].device) if engines else "cpu",
                "systems": {name: {"dtype": systems[name][1], "tok_s": {str(n): med[name][n] for n in conc},

@@ -53,6 +53,15 @@ def adjust_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return logits
 
 
+# Top-k/top-p rows look for their tokens among their most likely ones (a partial top-k) before
+# sorting the whole vocabulary: at 32 rows x 49k tokens on 2 cores a full sort took ~58 ms, more
+# than the forward pass, the top-256 ~2 ms and the top-4096 ~11 ms. With SmolLM2-135M at
+# temperature 1 the top-256 held 95% of the mass in 9 of 32 rows, the top-4096 in all. Exact: a
+# row whose nucleus does not fit in the candidates (top_k beyond them, or a flat distribution)
+# tries the next size, and finally a full sort.
+CANDIDATES = (256, 4096)
+
+
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Next token of each row, [B] long on logits.device. `logits` [B, V] float32 (modified)."""
     logits = adjust_logits(logits, rows)
@@ -61,40 +70,75 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     if not drawn:
         return out
     device = logits.device
-    sub = logits[drawn] if len(drawn) < len(rows) else logits
-    temps = torch.tensor([rows[i].temperature for i in drawn], device=device, dtype=sub.dtype)
-    sub = sub / temps[:, None]
-    V = sub.shape[-1]
-    ks = [rows[i].top_k if 0 < rows[i].top_k < V else V for i in drawn]
-    ps = [rows[i].top_p for i in drawn]
-    if min(ps) < 1.0:
-        # Sort once; top-k and top-p are then prefix cuts of each sorted row.
-        vals, order = sub.sort(-1, descending=True)
-        probs = vals.softmax(-1)
-        rank = torch.arange(V, device=device)[None, :]
-        probs = probs * (rank < torch.tensor(ks, device=device)[:, None])   # top-k first, as vLLM
-        probs = probs / probs.sum(-1, keepdim=True)
-        # Then the smallest prefix whose mass reaches top_p (the token crossing it included).
-        before = probs.cumsum(-1) - probs
-        probs = probs * (before < torch.tensor(ps, device=device, dtype=probs.dtype)[:, None])
-    else:
-        kmax = max(ks)
-        if kmax < V:
-            vals, order = sub.topk(kmax, dim=-1)
-            rank = torch.arange(kmax, device=device)[None, :]
-            vals = vals.masked_fill(rank >= torch.tensor(ks, device=device)[:, None], float("-inf"))
-        else:
-            vals, order = sub, None
-        probs = vals.softmax(-1)
-    # Inverse-CDF draw with one uniform per request from its own generator.
-    # The target is > 0 so that the first cdf entry reaching it always has positive mass.
-    u = torch.stack([torch.rand((), generator=rows[i].generator, device=device) for i in drawn])
+    V = logits.shape[-1]
+    # Inverse-CDF draws with one uniform per request from its own generator.
+    u = {i: torch.rand((), generator=rows[i].generator, device=device) for i in drawn}
+    plain = [i for i in drawn if not 0 < rows[i].top_k < V and rows[i].top_p >= 1.0]
+    cut = [i for i in drawn if i not in plain]
+    for size in CANDIDATES:
+        tried = [i for i in cut if rows[i].top_k <= size]   # top_k 0 ("all") tries too
+        if not tried or size >= V:
+            continue
+        picked, covered = _sample_candidates(logits, rows, tried, u, size)
+        done = set()
+        for i, token, ok in zip(tried, picked, covered):
+            if ok:
+                out[i] = token
+                done.add(i)
+        cut = [i for i in cut if i not in done]
+    for idx, sort in ((plain, False), (cut, True)):
+        if idx:
+            out[torch.tensor(idx, device=device)] = _sample_whole(logits, rows, idx, u, sort)
+    return out
+
+
+def _scaled(logits: torch.Tensor, rows: list[SampleRow], idx: list[int]) -> torch.Tensor:
+    temps = torch.tensor([rows[i].temperature for i in idx], device=logits.device, dtype=logits.dtype)
+    return logits[idx] / temps[:, None]
+
+
+def _nucleus(probs: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tensor:
+    """probs [n, C] sorted descending: top-k first (as vLLM), renormalized, then the smallest
+    prefix whose mass reaches top_p (the token crossing it included). Unnormalized result."""
+    device, C = probs.device, probs.shape[-1]
+    rank = torch.arange(C, device=device)[None, :]
+    probs = probs * (rank < torch.tensor([k if 0 < k < C else C for k in ks], device=device)[:, None])
+    # Rows without top-k keep their shares of the whole distribution (candidates may not sum to 1).
+    has_k = torch.tensor([0 < k < C for k in ks], device=device)[:, None]
+    probs = probs / torch.where(has_k, probs.sum(-1, keepdim=True), torch.ones((), dtype=probs.dtype, device=device))
+    before = probs.cumsum(-1) - probs
+    return probs * (before < torch.tensor(ps, device=device, dtype=probs.dtype)[:, None])
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index of the first cdf entry reaching u * total. The target is > 0 so that the chosen
+    entry always has positive mass."""
     cdf = probs.cumsum(-1)
     target = (u.to(cdf.dtype) * cdf[:, -1]).clamp_min(1e-30)
-    pick = torch.searchsorted(cdf, target[:, None]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
-    chosen = pick if order is None else order.gather(-1, pick[:, None]).squeeze(-1)
-    out[torch.tensor(drawn, device=device)] = chosen
-    return out
+    return torch.searchsorted(cdf, target[:, None]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+
+
+def _sample_candidates(logits, rows, idx, u, C):
+    """Draws among each row's top-C tokens; `covered` says where that is exact: the row has a
+    top_k <= C, or its top-C tokens hold at least top_p of the whole distribution."""
+    sub = _scaled(logits, rows, idx)
+    vals, order = sub.topk(C, dim=-1)
+    probs = (vals - sub.logsumexp(-1, keepdim=True)).exp()   # each candidate's share of the whole row
+    ks, ps = [rows[i].top_k for i in idx], [rows[i].top_p for i in idx]
+    covered = [(0 < k <= C) or mass >= p for k, p, mass in zip(ks, ps, probs.sum(-1).tolist())]
+    pick = _draw(_nucleus(probs, ks, ps), torch.stack([u[i] for i in idx]))
+    return order.gather(-1, pick[:, None]).squeeze(-1).tolist(), covered
+
+
+def _sample_whole(logits, rows, idx, u, sort: bool) -> torch.Tensor:
+    """Draws over the whole vocabulary: plain temperature sampling, or (sort) top-k/top-p."""
+    sub = _scaled(logits, rows, idx)
+    us = torch.stack([u[i] for i in idx])
+    if not sort:
+        return _draw(sub.softmax(-1), us)
+    vals, order = sub.sort(-1, descending=True)
+    pick = _draw(_nucleus(vals.softmax(-1), [rows[i].top_k for i in idx], [rows[i].top_p for i in idx]), us)
+    return order.gather(-1, pick[:, None]).squeeze(-1)
 
 
 def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -294,6 +294,24 @@ def test_sampler_top_k_top_p_and_seed():
     assert together == alone
 
 
+def test_top_p_from_candidates_equals_full_sort():
+    """The candidate shortcut draws what sorting the whole vocabulary draws, and a nucleus wider
+    than the candidates still reaches every token in it."""
+    from server.sampling import CANDIDATES, SampleRow, _sample_candidates, _sample_whole, make_generator, sample
+    torch.manual_seed(0)
+    logits = torch.randn(64, 49152) * 4
+    rows = [SampleRow(temperature=0.8, top_p=0.9, top_k=(0, 40)[i % 2], generator=None) for i in range(64)]
+    u = {i: torch.rand(()) for i in range(64)}
+    idx = list(range(64))
+    picked, covered = _sample_candidates(logits, rows, idx, u, CANDIDATES[0])
+    assert all(covered)
+    assert picked == _sample_whole(logits, rows, idx, u, sort=True).tolist()
+    flat = torch.zeros(1, 1000)
+    gen = make_generator(1, torch.device("cpu"))
+    draws = {sample(flat.clone(), [SampleRow(1.0, 0.9, 0, gen)]).item() for _ in range(3000)}
+    assert len(draws) > 2 * CANDIDATES[0] and max(draws) < 1000
+
+
 def test_detokenizer_holds_back_partial_stop_strings(default_model):
     from server.detokenizer import IncrementalDetokenizer
     tok = default_model.tokenizer
