@@ -72,6 +72,7 @@ def main(argv=None) -> int:
               else load_model(args.model))
     engine = Engine(loaded, EngineConfig(max_num_seqs=max(args.batch), max_model_len=args.context + 16,
                                          dtype=args.dtype))
+    engine.warm_up()  # MoE dispatch tuning, as the server's start-up does
     rows = [profile_batch(engine, B, args.context, args.steps, args.top) for B in args.batch]
     for r in rows:
         print(f"\nB = {r['batch']}: {r['step_ms_median']:.1f} ms per step (median of {args.steps}), "

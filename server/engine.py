@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import torch
+import torch.nn.functional as F
 
 from factorllm.device import resolve_device, resolve_dtype
 from factorllm.kv_cache import CacheBatch, KVCache
@@ -166,29 +167,38 @@ class Sequence:
                          self.first_token_time, self.finish_time)
 
 
+def prepacked(weight: torch.Tensor, batch_hint: int, bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x @ weight.T (+ bias) through oneDNN, the bf16 weight reordered once for its matmul kernel
+    (CPU); checked once against F.linear."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+    bias = None if bias is None else bias.detach()
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), packed, bias, "none", [], "")
+        return y.view(*shape[:-1], y.shape[-1])
+    x = torch.randn(3, weight.shape[1], dtype=weight.dtype)
+    with torch.inference_mode():
+        if not torch.allclose(linear(x).float(), F.linear(x, weight, bias).float(), atol=1e-2, rtol=1e-2):
+            raise RuntimeError("prepacked linear disagrees with F.linear")
+    return linear
+
+
 class PackedLinear(torch.nn.Module):
-    """A bf16 nn.Linear whose weight oneDNN reordered once for its matmul kernel (CPU). Keeps the
-    original module (parameters, state_dict) and checks itself against it once."""
+    """A bf16 nn.Linear run through `prepacked`. Keeps the original module (parameters, state_dict)."""
 
     def __init__(self, plain: torch.nn.Linear, batch_hint: int):
         super().__init__()
         self.plain = plain
         self.in_features, self.out_features = plain.in_features, plain.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(plain.weight.detach(), batch_hint)
-        self.bias = None if plain.bias is None else plain.bias.detach()
-        x = torch.randn(3, plain.in_features, dtype=plain.weight.dtype)
-        with torch.inference_mode():
-            if not torch.allclose(self(x).float(), plain(x).float(), atol=1e-2, rtol=1e-2):
-                raise RuntimeError("prepacked linear disagrees with nn.Linear")
+        self.linear = prepacked(plain.weight, batch_hint, plain.bias)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.plain.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.packed, self.bias, "none", [], "")
-        return y.view(*shape[:-1], y.shape[-1])
+        return self.linear(x)
 
 
 def available_host_memory() -> int:
@@ -255,17 +265,22 @@ class Engine:
         step) and ~1.7x for the small per-layer matmuls at batch 1. Returns the output projection."""
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
             return self.model.lm_head
+        hint = self.config.max_num_seqs
         try:
             for parent in list(self.model.modules()):
                 for name, child in list(parent.named_children()):
                     if type(child) is torch.nn.Linear and name not in getattr(parent, "fused_away", ()):
-                        setattr(parent, name, PackedLinear(child, self.config.max_num_seqs))
+                        setattr(parent, name, PackedLinear(child, hint))
+                if isinstance(parent, MoEFFN):
+                    parent.pack(lambda w: prepacked(w, hint))
         except Exception as e:  # builds without oneDNN or with another op signature: plain linears
             log.info("no prepacked bf16 linears (%s)", e)
             for parent in list(self.model.modules()):
                 for name, child in list(parent.named_children()):
                     if isinstance(child, PackedLinear):
                         setattr(parent, name, child.plain)
+                if isinstance(parent, MoEFFN):
+                    parent.pack(None)
         return self.model.lm_head
 
     # ---- sizing and properties
@@ -300,7 +315,7 @@ class Engine:
 
     # ---- lifecycle
     async def start(self) -> None:
-        """Start the step thread and wait for its warm-up (see `_warm_up`)."""
+        """Start the step thread and wait for its warm-up (see `warm_up`)."""
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
         self._stopping = False
@@ -325,7 +340,7 @@ class Engine:
             if not ready.done():
                 ready.set_result(None) if error is None else ready.set_exception(error)
         try:
-            self._warm_up()
+            self.warm_up()
         except BaseException as e:
             loop.call_soon_threadsafe(settle, e)
             return
@@ -333,7 +348,7 @@ class Engine:
         self._run()
 
     @torch.inference_mode()
-    def _warm_up(self) -> None:
+    def warm_up(self) -> None:
         """Tune the MoE dispatch, then a profile run (as vLLM does): the largest prefill chunk and
         the largest decode batch the configuration allows, each twice, so that the allocator
         reaches its high-water mark before the first request and resident memory stays flat

@@ -332,6 +332,34 @@ def test_detokenizer_holds_back_partial_stop_strings(default_model):
     assert all("\ufffd" not in p for p in pieces) and "".join(pieces) + d.flush() == "tea 🍵 and 日本語"
 
 
+@pytest.mark.parametrize("gate", ["sum", "weighted"])
+def test_packed_masked_path_matches_plain(default_model, gate):
+    """The engine's prepacked bf16 masked path, shared groups folded in as always-on experts,
+    computes the layer the plain paths compute."""
+    from factorllm.factor_config import FactorConfig
+    from factorllm.factorize import factorize_layer
+    from server.engine import prepacked
+    dense = default_model.model.layers[5].mlp
+    factor = FactorConfig(experts=28, shared_experts=4, top_k=4, partition="contiguous", router_init="random", gate=gate)
+    factor.validate(dense.gate_proj.out_features)
+    moe = factorize_layer(dense, torch.empty(0, 576), factor, 5).eval()
+    x = torch.randn(12, 576, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        _, idx, w = moe.route(x)
+        exact = moe.run_path("grouped", x, idx, w)
+        moe.to(torch.bfloat16)
+        x, w = x.to(torch.bfloat16), None if w is None else w.to(torch.bfloat16)
+        outs = {"grouped": moe.run_path("grouped", x, idx, w)}
+        moe.pack(lambda weight: prepacked(weight, 16))
+        assert moe.shared_packed
+        outs["packed masked"] = moe.run_path("masked", x, idx, w)
+        moe.pack(None)
+        outs["masked"] = moe.run_path("masked", x, idx, w)
+    for name, out in outs.items():  # bf16 rounding only: ~0.5% relative error
+        err = (out.float() - exact).norm() / exact.norm()
+        assert err < 0.015, (name, err)
+
+
 def test_fused_projections_match_and_save_unfused(sample_tokens):
     """The engine fuses q/k/v and gate/up into one matmul each: same logits (fp32), and the
     state_dict still holds exactly the unfused tensors, so a fused model saves as before."""
