@@ -270,27 +270,30 @@ class MoEFFN(nn.Module):
         return self.packed[1](h) if self.packed else h @ self.experts_down.view(N * E, H)
 
     @torch.no_grad()
-    def tune_dispatch(self, candidates=(1, 2, 4, 8, 16, 32, 64), repeats: int = 5) -> list[tuple[int, str]]:
+    def tune_dispatch(self, candidates=(1, 2, 4, 8, 16, 32, 64, 128, 256), repeats: int = 5) -> list[tuple[int, str]]:
         """Time each dispatch path at each candidate token count; remember the fastest per count.
 
         The paths run in turns, and each keeps its least disturbed time, so that other work on the
-        machine does not decide the choice. Counts above the largest candidate use "grouped" (it
-        wins at prefill sizes)."""
+        machine does not decide the choice. A path 3x slower than the best at one count is not
+        timed at larger counts (the gathered path's cost grows fastest). Counts above the largest
+        candidate use "grouped" (it wins at prefill sizes)."""
         p = self.experts_gate
-        plan = []
+        plan, paths = [], list(DISPATCH_PATHS)
         for n in candidates:
             x = torch.randn(n, p.shape[-1], dtype=p.dtype, device=p.device)
             _, idx, w = self.route(x)
-            best = {name: float("inf") for name in DISPATCH_PATHS}
+            best = {name: float("inf") for name in paths}
             for i in range(repeats + 1):  # the first round warms up
-                for name in DISPATCH_PATHS:
+                for name in paths:
                     t0 = time.perf_counter()
                     self.run_path(name, x, idx, w)
                     if p.is_cuda:
                         torch.cuda.synchronize()
                     if i:
                         best[name] = min(best[name], time.perf_counter() - t0)
-            plan.append((n, min(best, key=best.get)))
+            fastest = min(best, key=best.get)
+            plan.append((n, fastest))
+            paths = [name for name in paths if best[name] <= 3 * best[fastest]]
         self.dispatch_plan = plan
         self.reset_stats()
         return plan

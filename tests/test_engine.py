@@ -389,3 +389,16 @@ def test_decode_profile_benchmark_runs(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 3] and all(r["step_ms_median"] > 0 for r in rows)
     assert any("linear" in o["op"] or "addmm" in o["op"] or "mm" in o["op"] for o in rows[0]["top_ops"])
+
+
+def test_sampler_benchmark_runs(tmp_path):
+    """benchmarks/sampler.py on real logits: both methods timed for every setting, as JSON."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sampler.py"
+    spec = importlib.util.spec_from_file_location("sampler_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "sampler.json"
+    assert mod.main(["--rows", "1", "3", "--repeats", "2", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["rows"] for r in results] == [1, 1, 3, 3]
+    assert all(r["ms"]["full_sort"] > 0 and r["ms"]["sample"] > 0 for r in results)
