@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from factorllm.device import off_main_thread  # noqa: E402
 from factorllm.kv_cache import CacheBatch  # noqa: E402
 from factorllm.loading import load_model  # noqa: E402
 from factorllm.pipeline import cached_factorized, factor_config_from  # noqa: E402
@@ -34,8 +35,7 @@ def decode_step(engine: Engine, tokens: torch.Tensor, context: int) -> torch.Ten
 
 
 @torch.inference_mode()
-def profile_batch(engine: Engine, B: int, context: int, steps: int, top: int) -> dict:
-    tokens = (torch.arange(B, device=engine.device)[:, None] * 7 + 5)
+def step_times(engine: Engine, tokens: torch.Tensor, context: int, steps: int) -> list[float]:
     for _ in range(3):
         decode_step(engine, tokens, context)
     times = []
@@ -43,6 +43,19 @@ def profile_batch(engine: Engine, B: int, context: int, steps: int, top: int) ->
         t0 = time.perf_counter()
         decode_step(engine, tokens, context)
         times.append(time.perf_counter() - t0)
+    return times
+
+
+@torch.inference_mode()
+def profile_batch(engine: Engine, B: int, context: int, steps: int, top: int) -> dict:
+    tokens = (torch.arange(B, device=engine.device)[:, None] * 7 + 5)
+    # Main thread and a fresh thread in turns: while the main thread owns an OpenMP team (it loaded
+    # the model), a fresh thread's steps run slower (see factorllm.device.off_main_thread).
+    main, other = [], []
+    for _ in range(3):
+        main += step_times(engine, tokens, context, steps)
+        other += off_main_thread(lambda: step_times(engine, tokens, context, steps))
+    times = main
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             decode_step(engine, tokens, context)
@@ -51,6 +64,7 @@ def profile_batch(engine: Engine, B: int, context: int, steps: int, top: int) ->
     ops = [{"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": e.self_cpu_time_total / 1000 / steps,
             "share": e.self_cpu_time_total / total} for e in events[:top]]
     return {"batch": B, "step_ms_median": statistics.median(times) * 1000,
+            "step_ms_median_other_thread": statistics.median(other) * 1000,
             "ops_per_step": sum(e.count for e in events) / steps, "top_ops": ops}
 
 
@@ -75,7 +89,8 @@ def main(argv=None) -> int:
     engine.warm_up()  # MoE dispatch tuning, as the server's start-up does
     rows = [profile_batch(engine, B, args.context, args.steps, args.top) for B in args.batch]
     for r in rows:
-        print(f"\nB = {r['batch']}: {r['step_ms_median']:.1f} ms per step (median of {args.steps}), "
+        print(f"\nB = {r['batch']}: {r['step_ms_median']:.1f} ms per step (median of {3 * args.steps}; "
+              f"{r['step_ms_median_other_thread']:.1f} ms on a fresh thread), "
               f"{r['ops_per_step']:.0f} profiler events per step ({engine.dtype}, {torch.get_num_threads()} threads)")
         print("| op | calls/step | ms/step | share of op time |\n|---|---:|---:|---:|")
         for o in r["top_ops"]:

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from factorllm.device import off_main_thread  # noqa: E402
 from factorllm.loading import load_model  # noqa: E402
 from factorllm.pipeline import cached_factorized, factor_config_from  # noqa: E402
 from server.engine import Engine, EngineConfig, EngineRequest, SamplingParams  # noqa: E402
@@ -98,49 +99,53 @@ def main() -> None:
     max_len = 64 + tokens
     nucleus = args.sampling == "nucleus"
 
-    dense = load_model("default")
-    systems = {}  # name -> callable(n) -> tok/s
+    # Every torch set-up (and HF generate) runs on a short-lived thread, and only the engine being
+    # measured has a step thread, so that it is the only OpenMP team while it runs, as in a server
+    # (see factorllm.device.off_main_thread: with several teams a step measured ~1.5x slower).
+    dense = off_main_thread(lambda: load_model("default"))
+    systems = {}  # name -> (callable(n) -> tok/s, dtype, engine or None)
     loop = asyncio.new_event_loop()
-    engines = []
 
     def add_engine(name, loaded, dtype):
-        eng = Engine(loaded, EngineConfig(max_num_seqs=max(conc), max_model_len=max_len, device=args.device,
-                                          dtype=dtype))
-        loop.run_until_complete(eng.start())
-        engines.append(eng)
-        systems[name] = (lambda n, e=eng: loop.run_until_complete(engine_run_async(e, n, tokens, nucleus)), str(eng.dtype))
+        eng = off_main_thread(lambda: Engine(loaded, EngineConfig(max_num_seqs=max(conc), max_model_len=max_len,
+                                                                   device=args.device, dtype=dtype)))
+        systems[name] = (lambda n, e=eng: loop.run_until_complete(engine_run_async(e, n, tokens, nucleus)),
+                         str(eng.dtype), eng)
 
     if "hf" not in skip:
         from transformers import AutoModelForCausalLM
-        hf = AutoModelForCausalLM.from_pretrained(dense.path, dtype=torch.float32).eval()
-        systems["hf-generate"] = (lambda n: hf_run(hf, dense.tokenizer, n, tokens, nucleus), "torch.float32")
+        hf = off_main_thread(lambda: AutoModelForCausalLM.from_pretrained(dense.path, dtype=torch.float32).eval())
+        systems["hf-generate"] = (lambda n: off_main_thread(lambda: hf_run(hf, dense.tokenizer, n, tokens, nucleus)),
+                                  "torch.float32", None)
     if "dense-fp32" not in skip:
-        add_engine("engine-dense-fp32", load_model("default"), "float32")
+        add_engine("engine-dense-fp32", off_main_thread(lambda: load_model("default")), "float32")
     if "dense" not in skip:
-        add_engine("engine-dense", load_model("default"), args.dtype)
+        add_engine("engine-dense", off_main_thread(lambda: load_model("default")), args.dtype)
     for preset in ("quality", "fast"):
         if preset not in skip:
-            loaded = cached_factorized(None, factor_config_from(preset))
+            loaded = off_main_thread(lambda: cached_factorized(None, factor_config_from(preset)))
             frac = loaded.factor.active_ffn_fraction(loaded.model.config.num_hidden_layers)
             add_engine(f"engine-{preset}-{frac:.0%}ffn", loaded, args.dtype)
 
-    # Warm-up: one short run per system and concurrency (allocator, dispatch paths).
-    for fn, _ in systems.values():
-        for n in conc:
-            fn(min(n, 2))
     results = {name: {n: [] for n in conc} for name in systems}
     for r in range(repeats):
-        for n in conc:
-            for name, (fn, _) in systems.items():
+        for name, (fn, _, eng) in systems.items():
+            if eng is not None:
+                loop.run_until_complete(eng.start())  # warm-up: dispatch tuning, profile run
+            fn(2)
+            for n in conc:
                 gc.collect()
                 results[name][n].append(fn(n))
                 print(f"repeat {r + 1}/{repeats}  n={n:<3} {name:<26} {results[name][n][-1]:8.1f} tok/s", flush=True)
+            if eng is not None:
+                loop.run_until_complete(eng.stop())
     med = {name: {n: statistics.median(v) for n, v in cells.items()} for name, cells in results.items()}
 
     # Ratio columns: against HF generate and against the dense engine, where they ran.
     refs = [(label, ref) for label, ref in (("xHF", "hf-generate"), ("xDense", "engine-dense")) if ref in med]
+    device = next((str(e.device) for _, _, e in systems.values() if e is not None), "cpu")
     print(f"\noutput tokens/s, median of {repeats}; {tokens} tokens per sequence, {args.sampling}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {engines[0].device if engines else 'cpu'}")
+          f"{torch.get_num_threads()} threads, device {device}")
     head = f"{'system':<26} {'dtype':<9}" + "".join(f" {f'n={n}':>9}" for n in conc)
     head += "".join(f" {f'{label}@{n}':>10}" for label, _ in refs for n in conc)
     print(head)
@@ -151,13 +156,11 @@ def main() -> None:
     if args.out:
         out = {"tokens_per_sequence": tokens, "sampling": args.sampling, "repeats": repeats, "concurrency": conc,
                "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-               "device": str(engines[0].device) if engines else "cpu",
+               "device": device,
                "systems": {name: {"dtype": systems[name][1], "tok_s": {str(n): med[name][n] for n in conc},
                                   "runs": {str(n): results[name][n] for n in conc}} for name in med}}
         Path(args.out).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.out}")
-    for eng in engines:
-        loop.run_until_complete(eng.stop())
 
 
 if __name__ == "__main__":

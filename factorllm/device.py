@@ -1,7 +1,38 @@
-"""Choosing the device and the dtype a model runs in."""
+"""Choosing the device and the dtype a model runs in, and the thread that sets it up."""
 from __future__ import annotations
 
+import threading
+from typing import Callable, TypeVar
+
 import torch
+
+T = TypeVar("T")
+
+
+def off_main_thread(fn: Callable[[], T]) -> T:
+    """fn() on a short-lived thread; its result, or its exception, comes back to the caller.
+
+    torch's CPU kernels parallelize with GNU OpenMP, which gives each thread that runs a parallel
+    region its own team of worker threads and, once there are more OpenMP threads than CPUs, stops
+    them spin-waiting between regions: every small op then pays a wake-up. An engine step thread
+    beside a main thread that had loaded the model (and so kept its team) measured a decode step
+    ~1.3-1.6x slower on 2 cores (benchmarks/decode_profile.py: main thread vs a fresh one). A
+    team ends with its thread, so loading and other heavy set-up belong on a short-lived thread,
+    keeping the main (HTTP) thread free of OpenMP and the engine's step thread the only team."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append((True, fn()))
+        except BaseException as e:  # re-raised in the caller
+            result.append((False, e))
+    thread = threading.Thread(target=run, name="factorllm-setup")
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
 
 
 def resolve_device(name: str) -> torch.device:

@@ -12,6 +12,7 @@ import signal
 import time
 
 from factorllm.commands.common import add_factor_arguments
+from factorllm.device import off_main_thread
 from factorllm.errors import UsageError
 
 from .settings import EXPERT_METRICS, ServerSettings
@@ -121,9 +122,8 @@ def serve(settings: ServerSettings, loaded=None) -> int:
     from .app import create_app
 
     t0 = time.perf_counter()
-    if loaded is None:
-        loaded = load_for_serving(settings)
-    app = create_app(settings, loaded)
+    # Loading and the engine's construction run off the main thread (see off_main_thread).
+    app = off_main_thread(lambda: create_app(settings, loaded if loaded is not None else load_for_serving(settings)))
     state = app.state.server
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=5, lifespan="on", access_log=True)
