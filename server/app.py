@@ -24,6 +24,8 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from factorllm.device import off_main_thread
+
 from .metrics import SequenceTimer, ServerMetrics
 from .protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
@@ -163,7 +165,8 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
             max_num_batched_tokens=settings.max_num_batched_tokens, device=settings.device,
             dtype=settings.dtype, expert_timing_every=settings.expert_timing_every)
         t0 = time.perf_counter()
-        engine = Engine(loaded, cfg)
+        # Built on a short-lived thread, so that the step thread is the only OpenMP team.
+        engine = off_main_thread(lambda: Engine(loaded, cfg))
         await engine.start()
         state.engine = engine
         state.timings["engine_start_s"] = time.perf_counter() - t0

@@ -122,8 +122,8 @@ def serve(settings: ServerSettings, loaded=None) -> int:
     from .app import create_app
 
     t0 = time.perf_counter()
-    # Loading and the engine's construction run off the main thread (see off_main_thread).
-    app = off_main_thread(lambda: create_app(settings, loaded if loaded is not None else load_for_serving(settings)))
+    # Loading runs off the main thread (see off_main_thread), as does the engine's construction.
+    app = create_app(settings, loaded if loaded is not None else off_main_thread(lambda: load_for_serving(settings)))
     state = app.state.server
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=5, lifespan="on", access_log=True)

@@ -12,9 +12,11 @@ with native bf16 dot products (AVX512-BF16/AMX): there a decode step at 32 seque
 104 ms in bf16 (prepacked oneDNN linears, see PackedLinear) against 195 ms in fp32 on this
 2-core EPYC; fp32 elsewhere. fp32 is the exactness reference (the tests use it).
 
-Threads: on a CPU shared with other busy processes, torch's default of one OpenMP thread per
-core can be several times slower than `torch.set_num_threads(1)` (spinning barriers); the
-server may want to set it.
+Threads: torch's CPU kernels use GNU OpenMP, which gives every thread running parallel regions
+its own team of workers and throttles their spin-waiting once the teams outnumber the CPUs. The
+step thread should be the process's only team: build the model and the engine on a short-lived
+thread (`factorllm.device.off_main_thread`, as `factorllm serve` does); built on the main thread,
+a decode step measured ~1.5x slower on 2 cores.
 """
 from __future__ import annotations
 
