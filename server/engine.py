@@ -1,7 +1,8 @@
 """The inference engine the HTTP server drives: continuous batching over a slot KV cache.
 
 A background thread runs steps (torch releases the GIL, so the asyncio side stays responsive):
-schedule (scheduler.py) -> one forward for all decoding rows plus one per prefill chunk ->
+schedule (scheduler.py) -> one forward for all decoding rows plus prefill forwards of
+similar-length chunks (`padding_groups`) ->
 sample every row that needs a token (sampling.py) -> detokenize and check stops per request
 (detokenizer.py) -> hand `Increment`s to each request's asyncio queue with
 `loop.call_soon_threadsafe`. Anything that goes wrong with one request (its sampling, its
@@ -264,7 +265,8 @@ class Engine:
     def _fast_lm_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """CPU bf16: every nn.Linear runs through oneDNN with its weight reordered once
         ("prepacked"): ~1.5x faster for the output projection (the largest matmul of a decode
-        step) and ~1.7x for the small per-layer matmuls at batch 1. Returns the output projection."""
+        step) and ~1.7x for the small per-layer matmuls at batch 1; MoE layers get the same kernels for
+        their masked path (`MoEFFN.pack`). Returns the output projection."""
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
             return self.model.lm_head
         hint = self.config.max_num_seqs

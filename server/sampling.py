@@ -102,9 +102,10 @@ def _nucleus(probs: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tenso
     prefix whose mass reaches top_p (the token crossing it included). Unnormalized result."""
     device, C = probs.device, probs.shape[-1]
     rank = torch.arange(C, device=device)[None, :]
-    probs = probs * (rank < torch.tensor([k if 0 < k < C else C for k in ks], device=device)[:, None])
-    # Rows without top-k keep their shares of the whole distribution (candidates may not sum to 1).
-    has_k = torch.tensor([0 < k < C for k in ks], device=device)[:, None]
+    probs = probs * (rank < torch.tensor([min(k, C) if k > 0 else C for k in ks], device=device)[:, None])
+    # Rows without top-k keep their shares of the whole distribution (candidates may not sum to 1);
+    # a top-k row's C columns hold all of its k tokens (the candidates cover top_k).
+    has_k = torch.tensor([k > 0 for k in ks], device=device)[:, None]
     probs = probs / torch.where(has_k, probs.sum(-1, keepdim=True), torch.ones((), dtype=probs.dtype, device=device))
     before = probs.cumsum(-1) - probs
     return probs * (before < torch.tensor(ps, device=device, dtype=probs.dtype)[:, None])

@@ -300,7 +300,7 @@ def test_top_p_from_candidates_equals_full_sort():
     from server.sampling import CANDIDATES, SampleRow, _sample_candidates, _sample_whole, make_generator, sample
     torch.manual_seed(0)
     logits = torch.randn(64, 49152) * 4
-    rows = [SampleRow(temperature=0.8, top_p=0.9, top_k=(0, 40)[i % 2], generator=None) for i in range(64)]
+    rows = [SampleRow(temperature=0.8, top_p=0.9, top_k=(0, 40, CANDIDATES[0])[i % 3], generator=None) for i in range(64)]
     u = {i: torch.rand(()) for i in range(64)}
     idx = list(range(64))
     picked, covered = _sample_candidates(logits, rows, idx, u, CANDIDATES[0])
@@ -377,12 +377,18 @@ def test_fused_projections_match_and_save_unfused(sample_tokens):
     assert set(state) == set(keys) and all(torch.equal(state[k], keys[k]) for k in keys)
 
 
-def test_decode_profile_benchmark_runs(tmp_path):
-    """benchmarks/decode_profile.py on the real model: step times and the op table, as JSON."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_profile.py"
-    spec = importlib.util.spec_from_file_location("decode_profile", path)
+def benchmark(name: str):
+    """A script under benchmarks/ as a module (the directory is no package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_decode_profile_benchmark_runs(tmp_path):
+    """benchmarks/decode_profile.py on the real model: step times and the op table, as JSON."""
+    mod = benchmark("decode_profile")
     out = tmp_path / "profile.json"
     assert mod.main(["--batch", "1", "3", "--steps", "2", "--context", "20", "--dtype", "float32",
                      "--out", str(out)]) == 0
@@ -393,10 +399,7 @@ def test_decode_profile_benchmark_runs(tmp_path):
 
 def test_sampler_benchmark_runs(tmp_path):
     """benchmarks/sampler.py on real logits: both methods timed for every setting, as JSON."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sampler.py"
-    spec = importlib.util.spec_from_file_location("sampler_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark("sampler")
     out = tmp_path / "sampler.json"
     assert mod.main(["--rows", "1", "3", "--repeats", "2", "--out", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
