@@ -188,15 +188,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per row: q [B, 1, heads, D], k/v [B, S, kv_heads, D] (views of the cache are
-    fine), mask [B, 1, 1, S] bool or None. Scores and softmax in fp32. Returns [B, 1, heads, D]."""
+    """One query per row: q [B, 1, heads, D], k/v [B, kv_heads, S, D] (head-major views of the
+    cache are fine), mask [B, 1, 1, S] bool or None. Scores and softmax in fp32. Returns
+    [B, 1, heads, D]."""
     B, _, H, D = q.shape
-    KV, S = k.shape[2], k.shape[1]
+    KV, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, KV, H // KV, D)                        # query heads grouped by their kv head
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * D ** -0.5   # [B, KV, G, S]
-    if mask is not None:
+    # K @ q^T rather than q @ K^T: the cached keys stay the untransposed operand, which the bf16
+    # batched matmul reads in place (it copies a transposed one).
+    scores = torch.matmul(k, qg.transpose(-1, -2).contiguous()).transpose(-1, -2).float() * D ** -0.5
+    if mask is not None:                                      # scores: [B, KV, G, S]
         scores = scores.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
-    out = torch.matmul(scores.softmax(-1).to(v.dtype), v.transpose(1, 2))  # [B, KV, G, D]
+    out = torch.matmul(scores.softmax(-1).to(v.dtype), v)   # [B, KV, G, D]
     return out.reshape(B, 1, H, D)
 
 
@@ -239,14 +242,16 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal = mask is None
         if cache is not None:
-            k, v = cache.update(layer, batch, k, v)
+            k, v = cache.update(layer, batch, k, v)  # head-major: [B, KV, span, D]
             # A cached batch says itself whether it needs a causal mask (None: all keys visible).
             causal = mask is None and getattr(batch, "is_causal", True)
             if T == 1 and q.dtype in (torch.bfloat16, torch.float16) and not q.is_cuda:
                 # CPU bf16/fp16 decoding: two small batched matmuls beat the flash kernel ~5x.
                 return self.o_proj(decode_attention(q, k, v, mask).reshape(B, T, -1))
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            q.transpose(1, 2), k, v, attn_mask=mask,
             is_causal=causal, enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 

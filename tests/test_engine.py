@@ -377,6 +377,27 @@ def test_fused_projections_match_and_save_unfused(sample_tokens):
     assert set(state) == set(keys) and all(torch.equal(state[k], keys[k]) for k in keys)
 
 
+def test_bf16_cached_decode_matches_full_forward(fresh_default_model, sample_tokens):
+    """CPU bf16 decoding attends with its own two batched matmuls over head-major views of the
+    cache: rows at different positions (a mask), in adjacent slots (views) or not (a gather),
+    give the logits of a full bf16 forward over each row's whole text."""
+    from factorllm.kv_cache import CacheBatch, KVCache
+    m = fresh_default_model.model.to(torch.bfloat16)
+    lengths = [9, 17, 23, 14]  # tokens already cached per row; the next one is decoded
+    with torch.inference_mode():
+        reference = torch.stack([m(sample_tokens[b:b + 1, :n + 1])[0, n] for b, n in enumerate(lengths)])
+        for slots in ([2, 3, 4, 5], [6, 1, 4, 0]):
+            cache = KVCache.for_model(m, num_slots=8, max_len=64)
+            for b, n in enumerate(lengths):  # prefill each row alone
+                m(sample_tokens[b:b + 1, :n], cache=cache, batch=CacheBatch.build([slots[b]], [0], [n], "cpu"))
+            batch = CacheBatch.build(slots, lengths, [1] * 4, "cpu")
+            assert (batch.slot_range is not None) == (slots == [2, 3, 4, 5])
+            step = torch.stack([sample_tokens[b, n] for b, n in enumerate(lengths)])[:, None]
+            logits = m(step, cache=cache, batch=batch)[:, 0]
+            assert (logits.argmax(-1) == reference.argmax(-1)).all()
+            assert ((logits.float() - reference.float()).abs().max() / reference.float().abs().max()) < 0.05  # bf16 rounding: ~0.025
+
+
 def benchmark(name: str):
     """A script under benchmarks/ as a module (the directory is no package)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
