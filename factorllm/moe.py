@@ -135,7 +135,7 @@ class MoEFFN(nn.Module):
         """Router logits [T, N], chosen experts [T, K] and their gate weights [T, K]; the weights
         are None when every chosen expert counts once (the "sum" gate at inference), which
         spares the dispatch paths a multiplication."""
-        logits = self.router(x)
+        logits = self.router(x.to(self.router.weight.dtype))  # an engine may keep the router in fp32
         probs = logits.float().softmax(-1)
         top_p, idx = probs.topk(self.top_k, dim=-1)
         if self.gate == "weighted":
@@ -248,12 +248,17 @@ class MoEFFN(nn.Module):
         return torch.zeros_like(x).index_add_(0, token_of, y)
 
     def gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        """Gather each token's K experts' weights (gpt-fast style): meant for a few tokens on CUDA."""
-        g, u = torch.einsum("th,tkeh->tke", x, self.gate_up()[idx]).chunk(2, -1)
-        h = self.act(g) * u
+        """Gather each token's K experts' weights (gpt-fast style) and apply them as matrix-vector
+        products: only the chosen experts' weights are read, for decoding one or a few tokens.
+        The gathered weights are the untransposed operand of each batched matmul (bf16 batched
+        matmuls on CPU copy a transposed one)."""
+        T, K = idx.shape
+        N, E, H = self.experts_down.shape
+        gu = torch.bmm(self.gate_up()[idx].view(T, K * 2 * E, H), x[:, :, None]).view(T, K, 2, E)
+        h = self.act(gu[:, :, 0]) * gu[:, :, 1]
         if weights is not None:
             h = h * weights[..., None]
-        return torch.einsum("tke,tkeh->th", h, self.experts_down[idx])
+        return torch.bmm(h.view(T, 1, K * E), self.experts_down[idx].view(T, K * E, H)).view(T, H)
 
     def masked(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """Run every expert on every token and zero the unchosen ones: the dense FFN's cost, for
