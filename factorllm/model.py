@@ -189,7 +189,7 @@ def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, heads, D] rotated in the half-split layout of HF Llama, in fp32:
     [x1 cos - x2 sin, x2 cos + x1 sin] = x * cos + [x2, x1] * [-sin, sin] (tables from
-    `rope_tables`; four ops instead of nine, the same values)."""
+    `rope_tables`; six ops instead of ten, the same values)."""
     xf = x.float()
     return (xf * cos + xf.roll(x.shape[-1] // 2, -1) * sin).to(x.dtype)
 

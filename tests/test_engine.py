@@ -160,6 +160,32 @@ def test_factorized_k_equals_n_matches_dense(engine, default_model, fresh_defaul
         run(moe_engine.stop())
 
 
+def test_bf16_engine_keeps_routers_fp32(default_model, fresh_default_model, sample_tokens):
+    """A bf16 engine keeps each MoE router in fp32: its experts are chosen as in the fp32 model
+    (bf16 hidden states aside), and a factorized bf16 model generates with them."""
+    from factorllm.factor_config import FactorConfig
+    from factorllm.factorize import factorize
+    factor = FactorConfig(experts=8, top_k=2, partition="contiguous", router_init="random")
+    factorize(fresh_default_model.model, factor, None)
+    fresh_default_model.factor = factor
+    moe = fresh_default_model.model.layers[3].mlp
+    x = default_model.model.model.embed_tokens(sample_tokens).reshape(-1, 576) * 40  # hidden-state-like scale
+    with torch.inference_mode():
+        _, idx32, _ = moe.route(x)
+    bf16 = make_engine(fresh_default_model, max_num_seqs=2, max_model_len=128, dtype="bfloat16")
+    try:
+        assert all(m.router.weight.dtype == torch.float32 for m in bf16.moes)
+        assert moe.experts_gate.dtype == torch.bfloat16
+        with torch.inference_mode():
+            _, idx, _ = moe.route(x.bfloat16())
+        same = (idx.sort(-1).values == idx32.sort(-1).values).all(-1).float().mean().item()
+        assert same >= 0.9, same
+        out = run(collect(bf16, "r", encode(default_model, PROMPTS[0]), SamplingParams(max_tokens=8, temperature=0)))
+        assert len(out["ids"]) == 8 and out["finish"] == "length"
+    finally:
+        run(bf16.stop())
+
+
 def test_step_stats_for_metrics(default_model, fresh_default_model):
     from factorllm.factor_config import FactorConfig
     from factorllm.factorize import factorize
