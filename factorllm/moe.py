@@ -94,15 +94,19 @@ class MoEFFN(nn.Module):
             return
         N, E, H = self.experts_down.shape
         with torch.no_grad():
-            gate_up, down = self.gate_up().reshape(N * 2 * E, H), self.experts_down.reshape(N * E, H)
+            gates, ups, down = [self.experts_gate.reshape(N * E, H)], [self.experts_up.reshape(N * E, H)], \
+                [self.experts_down.reshape(N * E, H)]
             extra = 0
             if self.shared is not None and self.shared.gate_proj.out_features % E == 0:
                 sh = self.shared
                 extra = sh.gate_proj.out_features // E
-                groups = torch.cat([sh.gate_proj.weight.view(extra, E, H), sh.up_proj.weight.view(extra, E, H)], 1)
-                gate_up = torch.cat([gate_up, groups.reshape(-1, H)])
-                down = torch.cat([down, sh.down_proj.weight.t()])
-            self.packed = (kernel(gate_up), kernel(down.t().contiguous()), extra)
+                gates.append(sh.gate_proj.weight)
+                ups.append(sh.up_proj.weight)
+                down.append(sh.down_proj.weight.t())
+            # All gate rows, then all up rows: the activation then reads one contiguous half
+            # (on the per-expert interleaved [N, 2E] layout it ran ~4x slower).
+            gate_up = torch.cat(gates + ups)
+            self.packed = (kernel(gate_up), kernel(torch.cat(down).t().contiguous()), extra)
             self.shared_packed = extra > 0
 
     def _apply(self, fn, recurse=True):
@@ -264,14 +268,17 @@ class MoEFFN(nn.Module):
         """Run every expert on every token and zero the unchosen ones: the dense FFN's cost, for
         small batches whose tokens touch most experts anyway (decode), where it beats grouping."""
         T, (N, E, H) = x.shape[0], self.experts_down.shape
-        extra = self.packed[2] if self.packed else 0   # packed shared groups, always on
-        gu = self.packed[0](x) if self.packed else F.linear(x, self.gate_up().view(N * 2 * E, H))
-        gu = gu.view(T, N + extra, 2, E)
+        if self.packed:  # all gates, then all ups (see pack); shared groups always on
+            extra = self.packed[2]
+            g, u = self.packed[0](x).view(T, 2, N + extra, E).unbind(1)
+        else:
+            extra = 0
+            g, u = F.linear(x, self.gate_up().view(N * 2 * E, H)).view(T, N, 2, E).unbind(2)
         gate = x.new_zeros(T, N + extra)
         gate = gate.scatter_(1, idx, 1.0) if weights is None else gate.scatter_(1, idx, weights)
         if extra:
             gate[:, N:] = 1.0
-        h = (self.act(gu[:, :, 0]) * gu[:, :, 1] * gate[..., None]).view(T, (N + extra) * E)
+        h = (self.act(g) * u * gate[..., None]).view(T, (N + extra) * E)
         return self.packed[1](h) if self.packed else h @ self.experts_down.view(N * E, H)
 
     @torch.no_grad()
