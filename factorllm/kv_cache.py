@@ -10,8 +10,10 @@ Speed notes (the engine's decode loop runs this every step):
   * when the rows' slots form an ascending contiguous range (the engine keeps them compact),
     `update` returns views of the cache instead of gathering every row's keys and values;
   * the layout is head-major, `[layer, slot, kv_head, position, head_dim]`: each head's keys
-    of a row are one contiguous block, so decode attention multiplies them in place (in the
-    position-major layout the bf16 batched matmul first copied every row's keys: ~1.6x slower).
+    of a row are one contiguous block, so CPU bf16 decode attention (oneDNN batched matmuls,
+    which copy a batch that is not one strided tensor) copies blocks instead of gathering
+    strided rows, and never transposes them (position-major: 1.4x slower per layer at 32 rows
+    x 200 positions, 1.9x at 600).
 """
 from __future__ import annotations
 

@@ -201,8 +201,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     B, _, H, D = q.shape
     KV, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, KV, H // KV, D)                        # query heads grouped by their kv head
-    # K @ q^T rather than q @ K^T: the cached keys stay the untransposed operand, which the bf16
-    # batched matmul reads in place (it copies a transposed one).
+    # K @ q^T rather than q @ K^T: the cached keys stay the untransposed operand (the bf16
+    # batched matmul would copy them transposed).
     scores = torch.matmul(k, qg.transpose(-1, -2).contiguous()).transpose(-1, -2).float() * D ** -0.5
     if mask is not None:                                      # scores: [B, KV, G, S]
         scores = scores.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))

@@ -257,7 +257,7 @@ class MoEFFN(nn.Module):
         The gathered weights are the untransposed operand of each batched matmul (bf16 batched
         matmuls on CPU copy a transposed one)."""
         T, K = idx.shape
-        N, E, H = self.experts_down.shape
+        _, E, H = self.experts_down.shape
         gu = torch.bmm(self.gate_up()[idx].view(T, K * 2 * E, H), x[:, :, None]).view(T, K, 2, E)
         h = self.act(gu[:, :, 0]) * gu[:, :, 1]
         if weights is not None:
