@@ -55,7 +55,6 @@ def profile_batch(engine: Engine, B: int, context: int, steps: int, top: int) ->
     for _ in range(3):
         main += step_times(engine, tokens, context, steps)
         other += off_main_thread(lambda: step_times(engine, tokens, context, steps))
-    times = main
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             decode_step(engine, tokens, context)
@@ -63,7 +62,7 @@ def profile_batch(engine: Engine, B: int, context: int, steps: int, top: int) ->
     total = sum(e.self_cpu_time_total for e in events) or 1
     ops = [{"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": e.self_cpu_time_total / 1000 / steps,
             "share": e.self_cpu_time_total / total} for e in events[:top]]
-    return {"batch": B, "step_ms_median": statistics.median(times) * 1000,
+    return {"batch": B, "step_ms_median": statistics.median(main) * 1000,
             "step_ms_median_other_thread": statistics.median(other) * 1000,
             "ops_per_step": sum(e.count for e in events) / steps, "top_ops": ops}
 

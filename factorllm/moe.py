@@ -94,8 +94,9 @@ class MoEFFN(nn.Module):
             return
         N, E, H = self.experts_down.shape
         with torch.no_grad():
-            gates, ups, down = [self.experts_gate.reshape(N * E, H)], [self.experts_up.reshape(N * E, H)], \
-                [self.experts_down.reshape(N * E, H)]
+            gates = [self.experts_gate.reshape(N * E, H)]
+            ups = [self.experts_up.reshape(N * E, H)]
+            down = [self.experts_down.reshape(N * E, H)]
             extra = 0
             if self.shared is not None and self.shared.gate_proj.out_features % E == 0:
                 sh = self.shared
