@@ -11,12 +11,13 @@ PARTITIONS = ("contiguous", "cluster")
 ROUTER_INITS = ("random", "centroid", "lstsq")
 ROUTER_LABELS = ("paper", "greedy", "mass")
 
-# Recommended configurations (see docs/results.md): ~50% and ~25% of the FFN active.
+# Recommended configurations (see docs/results.md): ~50% and ~25% of the FFN active. A large
+# always-on share with few routed experts and a dense first layer measured best at both fractions.
 PRESETS = {
-    "quality": dict(experts=14, shared_experts=2, top_k=6, partition="cluster", router_init="lstsq",
-                    router_label="greedy", refit=True),
-    "fast": dict(experts=28, shared_experts=4, top_k=4, partition="cluster", router_init="lstsq",
-                 router_label="greedy", refit=True),
+    "quality": dict(experts=10, shared_experts=6, top_k=2, dense_layers=1, partition="cluster",
+                    router_init="lstsq", router_label="greedy", refit=True),
+    "fast": dict(experts=26, shared_experts=6, top_k=2, dense_layers=1, partition="cluster",
+                 router_init="lstsq", router_label="greedy", refit=True),
 }
 
 
@@ -39,6 +40,7 @@ class FactorConfig:
     seed: int = 0
     intermediate_size: int = 0
     top_k_per_layer: list[int] | None = None
+    dense_layers: int = 0            # the first D layers keep every expert (see resolve_layer_top_k)
     trained: dict = field(default_factory=dict)  # what training steps ran, for provenance
     name: str | None = None
 
@@ -50,6 +52,38 @@ class FactorConfig:
     def needs_calibration(self) -> bool:
         return (self.partition != "contiguous" or self.router_init != "random" or self.router_label is not None
                 or self.refit)
+
+    def resolve_layer_top_k(self, num_layers: int) -> "FactorConfig":
+        """Turn `dense_layers` into `top_k_per_layer`: the first D layers keep all N experts and
+        the layers nearest the middle of the rest give up one expert at a time until the mean K
+        (and so the active fraction) is `top_k` again. Measured on the default model: the first
+        FFN is by far the most sensitive to splitting, the middle ones the least."""
+        if self.top_k_per_layer is not None:
+            if len(self.top_k_per_layer) != num_layers:
+                raise UsageError(f"--top-k-per-layer needs {num_layers} values (one per layer), "
+                                 f"got {len(self.top_k_per_layer)}")
+            return self
+        if not self.dense_layers:
+            return self
+        D, K, N = self.dense_layers, self.top_k, self.experts
+        if not 0 < D < num_layers:
+            raise UsageError(f"--dense-layers must be between 0 and {num_layers - 1}, got {D}")
+        ks = [N] * D + [K] * (num_layers - D)
+        middle = (D + num_layers - 1) / 2
+        donors = sorted(range(D, num_layers), key=lambda l: (abs(l - middle), l))
+        excess = D * (N - K)
+        while excess > 0:
+            took = False
+            for l in donors:
+                if excess and ks[l] > 1:
+                    ks[l] -= 1
+                    excess -= 1
+                    took = True
+            if not took:
+                raise UsageError(f"cannot keep {D} dense layer(s) at a mean top-k of {K}: the other layers "
+                                 "are already at top-1; raise --top-k or lower --dense-layers")
+        self.top_k_per_layer = ks
+        return self
 
     def layer_top_k(self, layer: int) -> int:
         return self.top_k_per_layer[layer] if self.top_k_per_layer else self.top_k

@@ -125,7 +125,7 @@ def factorize(model: Transformer, factor: FactorConfig, calib_tokens: torch.Tens
     """Factorize `model` in place. Calibration tokens are needed unless the partition is
     contiguous and the router random; `inputs` may give their FFN inputs (capture_ffn_inputs)
     precomputed, to share one capture between several factorizations."""
-    factor.validate(model.config.intermediate_size)
+    factor.validate(model.config.intermediate_size).resolve_layer_top_k(len(model.layers))
     if factor.needs_calibration:
         inputs = list(inputs) if inputs is not None else capture_ffn_inputs(model, calib_tokens)
     else:

@@ -23,6 +23,8 @@ def factor_config_from(preset: str | None, **overrides) -> FactorConfig:
         raise SourceError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
     settings = dict(PRESETS[preset]) if preset else {}
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("top_k_per_layer") and overrides.get("top_k") is None:  # the preset's K no longer applies
+        settings["top_k"] = round(sum(overrides["top_k_per_layer"]) / len(overrides["top_k_per_layer"]))
     if "experts" not in settings or "top_k" not in settings:
         raise SourceError("give --preset, or both --experts and --top-k")
     return FactorConfig(**settings)

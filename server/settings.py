@@ -24,6 +24,8 @@ class ServerSettings(BaseSettings):
     preset: Literal["quality", "fast"] | None = Field(None, description="factorization preset (default: quality)")
     experts: int | None = None
     top_k: int | None = None
+    top_k_per_layer: list[int] | None = None
+    dense_layers: int | None = None
     shared_experts: int | None = None
     partition: Literal["contiguous", "cluster"] | None = None
     gate: Literal["sum", "scaled", "weighted"] | None = None
@@ -59,7 +61,8 @@ class ServerSettings(BaseSettings):
 
     def factor_overrides(self) -> dict:
         return dict(experts=self.experts, top_k=self.top_k, shared_experts=self.shared_experts,
-                    partition=self.partition, gate=self.gate, router_init=self.router_init, seed=self.seed)
+                    partition=self.partition, gate=self.gate, router_init=self.router_init, seed=self.seed,
+                    top_k_per_layer=self.top_k_per_layer, dense_layers=self.dense_layers)
 
     def has_factor_flags(self) -> bool:
         return self.preset is not None or any(v is not None for v in self.factor_overrides().values())

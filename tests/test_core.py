@@ -61,6 +61,31 @@ def test_top_k_below_n_changes_output_and_counts_tokens(dense_slice, sample_toke
         assert m.routed_tokens == sample_tokens.numel()
 
 
+def test_dense_layers_keep_every_expert_at_the_same_mean_k(dense_slice, sample_tokens):
+    """--dense-layers 1: layer 0 computes its dense FFN exactly, the middle layers pay for it and
+    the active fraction is unchanged."""
+    factor = FactorConfig(experts=10, shared_experts=6, top_k=3, partition="cluster", dense_layers=1)
+    moe = sliced(dense_slice)
+    factorize(moe.model, factor, sample_tokens)
+    ks = [m.top_k for m in moe_layers(moe.model)]
+    assert ks == factor.top_k_per_layer and ks[0] == 10 and sum(ks) == 3 * SLICE_LAYERS
+    assert ks == [10, 2, 1, 1, 2, 2]  # the middle layers pay first
+    assert factor.active_ffn_fraction(SLICE_LAYERS) == pytest.approx((3 + 6) / 16)
+    x = torch.randn(32, dense_slice.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = dense_slice.model.layers[0].mlp(x)
+        torch.testing.assert_close(moe.model.layers[0].mlp(x), want, rtol=1e-5, atol=1e-3)  # |want| ~ 300
+        assert (moe.model.layers[2].mlp(x) - dense_slice.model.layers[2].mlp(x)).abs().max().item() > 1e-2
+
+
+def test_dense_layers_that_cannot_be_paid_for_are_refused():
+    from factorllm.errors import UsageError
+    with pytest.raises(UsageError, match="already at top-1"):
+        FactorConfig(experts=10, shared_experts=6, top_k=1, dense_layers=1).resolve_layer_top_k(30)
+    with pytest.raises(UsageError, match="needs 30 values"):
+        FactorConfig(experts=10, top_k=2, top_k_per_layer=[2, 2]).resolve_layer_top_k(30)
+
+
 @pytest.mark.parametrize("shared", [0, 3])
 def test_cluster_partition_is_a_balanced_permutation(dense_slice, sample_tokens, shared):
     from factorllm.factorize import capture_ffn_inputs
@@ -95,6 +120,18 @@ def test_save_load_round_trip(default_model, sample_tokens, tmp_path):
     assert not list(out.glob("*.bin"))
     again = load_model(str(out))
     assert again.factor.experts == 8 and again.factor.top_k == 2
+    with torch.no_grad():
+        assert torch.equal(loaded.model(sample_tokens), again.model(sample_tokens))
+
+
+def test_per_layer_top_k_round_trip(default_model, sample_tokens, tmp_path):
+    loaded = copy.copy(default_model)
+    loaded.model = copy.deepcopy(default_model.model)
+    factor = FactorConfig(experts=8, top_k=2, partition="contiguous", router_init="random", dense_layers=2)
+    factorize(loaded.model, factor, None)
+    again = load_model(str(save_checkpoint(loaded, factor, tmp_path / "ckpt")))
+    ks = [m.top_k for m in moe_layers(again.model)]
+    assert ks[:2] == [8, 8] and sum(ks) == 2 * 30 and ks == again.factor.top_k_per_layer
     with torch.no_grad():
         assert torch.equal(loaded.model(sample_tokens), again.model(sample_tokens))
 
@@ -181,6 +218,9 @@ def test_bad_factorization_arguments_fail_cleanly():
     assert_clean_error(run_cli("info", "--experts", "7", "--top-k", "2"), "must divide", "allowed --experts")
     assert_clean_error(run_cli("info", "--experts", "8", "--top-k", "9"), "1 <= K <= N")
     assert_clean_error(run_cli("info", "--experts", "8"), "--top-k")
+    assert_clean_error(run_cli("info", "--experts", "8", "--top-k-per-layer", "2,2"), "needs 30 values")
+    assert_clean_error(run_cli("info", "--experts", "8", "--top-k-per-layer", "2,x"), "comma-separated integers")
+    assert_clean_error(run_cli("info", "--preset", "quality", "--top-k", "1"), "already at top-1")
 
 
 def test_info_reports_active_fraction_and_flops():
@@ -191,6 +231,10 @@ def test_info_reports_active_fraction_and_flops():
     f = s["flops_per_token"]
     assert f["ffn_active"] == f["ffn_dense"] // 4
     assert s["params_active"] < s["params_total"]
+    for preset, fraction in (("quality", 0.5), ("fast", 0.25)):  # dense first layer, same mean K
+        r = run_cli("info", "--preset", preset, "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["active_ffn_fraction"] == pytest.approx(fraction)
 
 
 def test_factorize_command_writes_a_loadable_checkpoint(tmp_path, default_model):

@@ -13,11 +13,23 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
                         "Llama-family directory, or a factorized checkpoint directory")
 
 
+def int_list(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
 def add_factor_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("factorization")
     g.add_argument("--preset", choices=sorted(PRESETS), help="recommended settings (quality: ~50%% of FFN active, fast: ~25%%)")
     g.add_argument("--experts", type=int, help="routed experts per layer (N)")
     g.add_argument("--top-k", type=int, help="experts chosen per token (K, 1 <= K <= N)")
+    g.add_argument("--top-k-per-layer", type=int_list, metavar="K0,K1,...",
+                   help="a K for every layer instead of one --top-k")
+    g.add_argument("--dense-layers", type=int,
+                   help="the first D layers keep all experts; the middle layers give up experts to hold the "
+                        "mean --top-k (quality preset: 1)")
     g.add_argument("--shared-experts", type=int, help="always-on expert-sized groups of neurons (S)")
     g.add_argument("--partition", choices=PARTITIONS, help="how neurons are grouped into experts")
     g.add_argument("--gate", choices=GATES, help="how the chosen experts' outputs are combined")
@@ -35,4 +47,5 @@ def add_factor_arguments(p: argparse.ArgumentParser) -> None:
 def factor_overrides(args: argparse.Namespace) -> dict:
     return dict(experts=args.experts, top_k=args.top_k, shared_experts=args.shared_experts,
                 partition=args.partition, gate=args.gate, router_init=args.router_init, seed=args.seed,
-                router_label=args.router_label, router_steps=args.router_steps, refit=args.refit)
+                router_label=args.router_label, router_steps=args.router_steps, refit=args.refit,
+                top_k_per_layer=args.top_k_per_layer, dense_layers=args.dense_layers)

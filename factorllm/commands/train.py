@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ce-weight", type=float, default=0.0, help="weight of next-token cross-entropy")
     g.add_argument("--balance-weight", type=float, default=0.0, help="weight of the load-balance term")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on CUDA and on CPUs with native bf16)")
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.finetune:
         cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
                             warmup=max(args.steps // 10, 1), train=tuple(args.train), ce_weight=args.ce_weight,
-                            balance_weight=args.balance_weight, seed=args.seed)
+                            balance_weight=args.balance_weight, seed=args.seed, bf16=args.bf16)
         result = distill(student, dense, tokens, cfg, state_path=f"{args.out}.train_state.pt")
         trained["distill"] = {**asdict(cfg), "data": args.data, "final_kl": result["history"][-1]["kl"]}
     loaded.factor.trained = trained
