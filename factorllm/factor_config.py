@@ -38,6 +38,7 @@ class FactorConfig:
     base: str = "default"
     calib: str = "self-generated"
     seed: int = 0
+    calib_seqs: int = 16             # calibration windows of 256 tokens (more: better fits, slower build)
     intermediate_size: int = 0
     top_k_per_layer: list[int] | None = None
     dense_layers: int = 0            # the first D layers keep every expert (see resolve_layer_top_k)
@@ -95,6 +96,8 @@ class FactorConfig:
 
     def validate(self, intermediate_size: int) -> "FactorConfig":
         groups = self.experts + self.shared_experts
+        if self.calib_seqs < 1:
+            raise UsageError(f"--calib-seqs must be >= 1, got {self.calib_seqs}")
         if self.experts < 1 or self.shared_experts < 0:
             raise UsageError(f"--experts must be >= 1 and --shared-experts >= 0 (got {self.experts}, {self.shared_experts})")
         if intermediate_size % groups:

@@ -31,7 +31,7 @@ def factor_config_from(preset: str | None, **overrides) -> FactorConfig:
 
 
 def factorize_source(source: str | None, factor: FactorConfig, calib_file: str | None = None,
-                     calib_seqs: int = 16, calib_len: int = 256) -> LoadedModel:
+                     calib_len: int = 256) -> LoadedModel:
     """Load a dense source and factorize it in memory (calibration text sampled if none given)."""
     loaded = load_model(source)
     if loaded.factor is not None:
@@ -40,7 +40,7 @@ def factorize_source(source: str | None, factor: FactorConfig, calib_file: str |
     factor.calib = calib_file or "self-generated"
     factor.validate(loaded.model.config.intermediate_size)
     t0 = time.perf_counter()
-    calib = calibration_tokens(loaded.model, loaded.tokenizer, calib_file, calib_seqs, calib_len,
+    calib = calibration_tokens(loaded.model, loaded.tokenizer, calib_file, factor.calib_seqs, calib_len,
                                factor.seed) if factor.needs_calibration else None
     factorize(loaded.model, factor, calib)
     log.info("factorized %s (%d experts, top-%d) in %.1f s", loaded.name, factor.experts, factor.top_k,

@@ -22,7 +22,7 @@ log = logging.getLogger("factorllm.serve")
 
 # flag dest -> settings field (all the same name)
 FIELDS = ("model", "dense", "preset", "experts", "top_k", "top_k_per_layer", "dense_layers", "shared_experts", "partition", "gate", "router_init",
-          "seed", "calib", "served_model_name", "host", "port", "device", "dtype", "max_num_seqs",
+          "seed", "calib", "calib_seqs", "served_model_name", "host", "port", "device", "dtype", "max_num_seqs",
           "max_model_len", "max_num_batched_tokens", "max_queued_requests", "max_body_bytes", "api_key", "cors_origins",
           "shutdown_timeout", "expert_metrics", "expert_timing_every")
 

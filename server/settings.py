@@ -32,6 +32,7 @@ class ServerSettings(BaseSettings):
     router_init: Literal["random", "centroid", "lstsq"] | None = None
     seed: int | None = None
     calib: str | None = None
+    calib_seqs: int | None = None
     served_model_name: str | None = None
 
     # where
@@ -62,7 +63,8 @@ class ServerSettings(BaseSettings):
     def factor_overrides(self) -> dict:
         return dict(experts=self.experts, top_k=self.top_k, shared_experts=self.shared_experts,
                     partition=self.partition, gate=self.gate, router_init=self.router_init, seed=self.seed,
-                    top_k_per_layer=self.top_k_per_layer, dense_layers=self.dense_layers)
+                    top_k_per_layer=self.top_k_per_layer, dense_layers=self.dense_layers,
+                    calib_seqs=self.calib_seqs)
 
     def has_factor_flags(self) -> bool:
         return self.preset is not None or any(v is not None for v in self.factor_overrides().values())

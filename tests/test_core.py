@@ -221,6 +221,7 @@ def test_bad_factorization_arguments_fail_cleanly():
     assert_clean_error(run_cli("info", "--experts", "8", "--top-k-per-layer", "2,2"), "needs 30 values")
     assert_clean_error(run_cli("info", "--experts", "8", "--top-k-per-layer", "2,x"), "comma-separated integers")
     assert_clean_error(run_cli("info", "--preset", "quality", "--top-k", "1"), "already at top-1")
+    assert_clean_error(run_cli("info", "--preset", "quality", "--calib-seqs", "0"), "--calib-seqs must be >= 1")
 
 
 def test_info_reports_active_fraction_and_flops():
@@ -242,9 +243,10 @@ def test_factorize_command_writes_a_loadable_checkpoint(tmp_path, default_model)
     calib.write_text(" ".join(["The quick brown fox jumps over the lazy dog while the farmer watches."] * 60))
     out = tmp_path / "ckpt"
     r = run_cli("factorize", "--experts", "8", "--top-k", "4", "--partition", "cluster", "--calib", str(calib),
-                "--out", str(out))
+                "--calib-seqs", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "active FFN 50.0%" in r.stdout
+    assert json.loads((out / "config.json").read_text())["factorllm"]["calib_seqs"] == 2
     info = run_cli("info", "--model", str(out), "--json")
     assert json.loads(info.stdout)["experts"] == 8
 
