@@ -105,8 +105,12 @@ def load_for_serving(settings: ServerSettings):
     load_s = time.perf_counter() - t1
     f = loaded.factor
     layers = loaded.model.config.num_hidden_layers
-    detail = (f"{f.experts} experts + {f.shared_experts} shared, top-{f.top_k}, "
-              f"active FFN {f.active_ffn_fraction(layers):.1%}") if f else "dense FFN"
+    if f is None:
+        detail = "dense FFN"
+    else:
+        ks = f.top_k_per_layer
+        k = f"top-{min(ks)}..{max(ks)} by layer (mean {f.top_k})" if ks else f"top-{f.top_k}"
+        detail = f"{f.experts} experts + {f.shared_experts} shared, {k}, active FFN {f.active_ffn_fraction(layers):.1%}"
     log.info("loaded %s %s from %s in %.1f s (%s)", what, loaded.name, loaded.path, load_s, detail)
     return loaded
 
