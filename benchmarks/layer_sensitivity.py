@@ -25,36 +25,34 @@ from factorllm.calibration import sample_from_model  # noqa: E402
 from factorllm.factor_config import PRESETS, FactorConfig  # noqa: E402
 from factorllm.factorize import capture_ffn_inputs, factorize_layer  # noqa: E402
 from factorllm.loading import load_model  # noqa: E402
-from factorllm.model import rope_tables  # noqa: E402
 
 
 class TailRunner:
-    """The dense model's residual stream at every layer's input for `tokens`, so that a model
+    """The dense model's residual stream at every layer's input for `tokens` (and the layers'
+    other arguments: RoPE tables, mask), captured from one ordinary forward pass, so that a model
     changed only from layer l on can be rerun from there."""
 
     @torch.no_grad()
     def __init__(self, model, tokens: torch.Tensor):
         self.model = model
-        B, T = tokens.shape
-        self.cos, self.sin = rope_tables(torch.arange(T).expand(B, T), model.inv_freq)
-        x = model.model.embed_tokens(tokens)
-        self.residuals = []
-        for layer in model.layers:
-            self.residuals.append(x)
-            x = layer(x, self.cos, self.sin, None)
-        self.dense_logp = self.logp(x)
-
-    def logp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(x)).float().log_softmax(-1)
+        self.inputs: list[tuple] = []
+        hooks = [layer.register_forward_pre_hook(lambda _m, args: self.inputs.append(args))
+                 for layer in model.layers]
+        try:
+            self.dense_logp = model(tokens).float().log_softmax(-1)
+        finally:
+            for h in hooks:
+                h.remove()
 
     @torch.no_grad()
     def kl_from(self, layer: int) -> float:
         """Mean per-token KL(dense || model) when layers `layer`.. are the model's current ones."""
-        x = self.residuals[layer]
-        for block in self.model.layers[layer:]:
-            x = block(x, self.cos, self.sin, None)
+        x, cos, sin, mask, cache, _, batch = self.inputs[layer]
+        for i in range(layer, len(self.model.layers)):
+            x = self.model.layers[i](x, cos, sin, mask, cache, i, batch)
         p = self.dense_logp
-        return (p.exp() * (p - self.logp(x))).sum(-1).mean().item()
+        logp = self.model.lm_head(self.model.model.norm(x)).float().log_softmax(-1)
+        return (p.exp() * (p - logp)).sum(-1).mean().item()
 
 
 def plot(table: dict[int, dict[int, float]], path: Path, title: str) -> None:

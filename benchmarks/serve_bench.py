@@ -509,7 +509,7 @@ def model_costs(model_dir: Path, factor: dict | None, concurrency: float, input_
     from factorllm.model import ModelConfig
 
     cfg = ModelConfig.from_hf(read_config(model_dir))
-    fc = FactorConfig(**factor).validate(cfg.intermediate_size) if factor else None
+    fc = FactorConfig(**factor).validate(cfg.intermediate_size, cfg.num_hidden_layers) if factor else None
     ctx = input_len + output_len // 2  # mean context during decoding
     s = model_summary(cfg, fc, context=ctx)
     H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size

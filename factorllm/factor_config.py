@@ -69,20 +69,18 @@ class FactorConfig:
         D, K, N = self.dense_layers, self.top_k, self.experts
         if not 0 < D < num_layers:
             raise UsageError(f"--dense-layers must be between 0 and {num_layers - 1}, got {D}")
+        excess = D * (N - K)
+        if excess > (num_layers - D) * (K - 1):
+            raise UsageError(f"cannot keep {D} dense layer(s) at a mean top-k of {K}: the other layers "
+                             "would fall below top-1; raise --top-k or lower --dense-layers")
         ks = [N] * D + [K] * (num_layers - D)
         middle = (D + num_layers - 1) / 2
         donors = sorted(range(D, num_layers), key=lambda l: (abs(l - middle), l))
-        excess = D * (N - K)
-        while excess > 0:
-            took = False
+        while excess:  # round after round, middle-out, one expert per donor per round
             for l in donors:
                 if excess and ks[l] > 1:
                     ks[l] -= 1
                     excess -= 1
-                    took = True
-            if not took:
-                raise UsageError(f"cannot keep {D} dense layer(s) at a mean top-k of {K}: the other layers "
-                                 "are already at top-1; raise --top-k or lower --dense-layers")
         self.top_k_per_layer = ks
         return self
 
@@ -94,7 +92,9 @@ class FactorConfig:
         per_layer = [(k + self.shared_experts) / (self.experts + self.shared_experts) for k in ks]
         return sum(per_layer) / num_layers
 
-    def validate(self, intermediate_size: int) -> "FactorConfig":
+    def validate(self, intermediate_size: int, num_layers: int | None = None) -> "FactorConfig":
+        """Check the recipe against the model's FFN size; with `num_layers`, also settle the
+        per-layer K (resolve_layer_top_k)."""
         groups = self.experts + self.shared_experts
         if self.calib_seqs < 1:
             raise UsageError(f"--calib-seqs must be >= 1, got {self.calib_seqs}")
@@ -116,7 +116,7 @@ class FactorConfig:
         if self.router_label is not None and self.router_label not in ROUTER_LABELS:
             raise UsageError(f"--router-label must be one of {', '.join(ROUTER_LABELS)}")
         self.intermediate_size = intermediate_size
-        return self
+        return self if num_layers is None else self.resolve_layer_top_k(num_layers)
 
     def to_dict(self) -> dict:
         return asdict(self)

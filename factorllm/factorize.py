@@ -24,7 +24,7 @@ from .router_training import compute_labels, expert_outputs, train_router
 def install_empty_moe(model: Transformer, factor: FactorConfig) -> None:
     """Replace every layer's FFN by an (uninitialized) MoEFFN of the checkpoint's shape."""
     cfg = model.config
-    factor.validate(cfg.intermediate_size)
+    factor.validate(cfg.intermediate_size, cfg.num_hidden_layers)
     for i, layer in enumerate(model.layers):
         layer.mlp = MoEFFN(cfg.hidden_size, factor.expert_size, factor.experts, factor.layer_top_k(i),
                            shared_size=factor.shared_experts * factor.expert_size, act=cfg.hidden_act,
@@ -125,7 +125,7 @@ def factorize(model: Transformer, factor: FactorConfig, calib_tokens: torch.Tens
     """Factorize `model` in place. Calibration tokens are needed unless the partition is
     contiguous and the router random; `inputs` may give their FFN inputs (capture_ffn_inputs)
     precomputed, to share one capture between several factorizations."""
-    factor.validate(model.config.intermediate_size).resolve_layer_top_k(len(model.layers))
+    factor.validate(model.config.intermediate_size, len(model.layers))
     if factor.needs_calibration:
         inputs = list(inputs) if inputs is not None else capture_ffn_inputs(model, calib_tokens)
     else:

@@ -80,7 +80,7 @@ def test_dense_layers_keep_every_expert_at_the_same_mean_k(dense_slice, sample_t
 
 def test_dense_layers_that_cannot_be_paid_for_are_refused():
     from factorllm.errors import UsageError
-    with pytest.raises(UsageError, match="already at top-1"):
+    with pytest.raises(UsageError, match="below top-1"):
         FactorConfig(experts=10, shared_experts=6, top_k=1, dense_layers=1).resolve_layer_top_k(30)
     with pytest.raises(UsageError, match="needs 30 values"):
         FactorConfig(experts=10, top_k=2, top_k_per_layer=[2, 2]).resolve_layer_top_k(30)
@@ -220,7 +220,7 @@ def test_bad_factorization_arguments_fail_cleanly():
     assert_clean_error(run_cli("info", "--experts", "8"), "--top-k")
     assert_clean_error(run_cli("info", "--experts", "8", "--top-k-per-layer", "2,2"), "needs 30 values")
     assert_clean_error(run_cli("info", "--experts", "8", "--top-k-per-layer", "2,x"), "comma-separated integers")
-    assert_clean_error(run_cli("info", "--preset", "quality", "--top-k", "1"), "already at top-1")
+    assert_clean_error(run_cli("info", "--preset", "quality", "--top-k", "1"), "below top-1")
     assert_clean_error(run_cli("info", "--preset", "quality", "--calib-seqs", "0"), "--calib-seqs must be >= 1")
 
 

@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
         factor = FactorConfig.from_dict(hf["factorllm"])
     elif args.preset or args.experts:
         # A what-if for a dense model: the accounting needs no factorization run.
-        factor = factor_config_from(args.preset, **factor_overrides(args)).validate(cfg.intermediate_size) \
-            .resolve_layer_top_k(cfg.num_hidden_layers)
+        factor = factor_config_from(args.preset, **factor_overrides(args)).validate(
+            cfg.intermediate_size, cfg.num_hidden_layers)
     else:
         factor = None
     summary = model_summary(cfg, factor, args.context)
