@@ -7,8 +7,11 @@ engine on the dense model (fp32 and the platform's fast dtype) and on factorized
 --repeats runs; configurations are interleaved per repeat so that load from other processes
 hits them alike. Ratios are within this one run. Decoding is greedy; `--sampling nucleus`
 samples at temperature 1 with top_p 0.95 instead (seeded, HF alike), which adds the sampler's cost.
+Prefill (time to first token) is measured apart: one request with a --prompt-tokens prompt and a
+single output token, reported as prompt tokens/s; long prompts are where the factorized FFN's
+saved FLOPs show (decode steps of many sequences touch nearly every expert, see docs/results.md).
 
-    python benchmarks/engine_throughput.py [--quick] [--sampling greedy|nucleus] [--out results.json]
+    python benchmarks/engine_throughput.py [--quick] [--sampling greedy|nucleus] [--prompt-tokens 512] [--out results.json]
 """
 from __future__ import annotations
 
@@ -38,6 +41,28 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 def prompts_for(tokenizer, n: int) -> list[list[int]]:
     return [tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(n)]
+
+
+def long_prompt(tokenizer, length: int) -> list[int]:
+    ids = tokenizer(" ".join(PROMPTS * (1 + length // 40)))["input_ids"]
+    assert len(ids) >= length, "PROMPTS too short for this --prompt-tokens"
+    return ids[:length]
+
+
+@torch.inference_mode()
+def hf_prefill(hf, ids: list[int]) -> float:
+    x = torch.tensor([ids])
+    t0 = time.perf_counter()
+    hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False, pad_token_id=0)
+    return len(ids) / (time.perf_counter() - t0)
+
+
+async def engine_prefill_async(engine: Engine, ids: list[int]) -> float:
+    t0 = time.perf_counter()
+    async for _ in engine.submit(EngineRequest(f"p{time.monotonic_ns()}", ids,
+                                               SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))):
+        pass
+    return len(ids) / (time.perf_counter() - t0)
 
 
 @torch.inference_mode()
@@ -84,6 +109,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="runs per cell (default 3, quick 1)")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--sampling", choices=("greedy", "nucleus"), default="greedy")
+    ap.add_argument("--prompt-tokens", type=int, default=512, help="prompt length of the prefill column (0: none)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="dtype of the engine's fast rows (auto: see server/engine.py)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -96,7 +122,7 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     if args.threads:
         torch.set_num_threads(args.threads)
-    max_len = 64 + tokens
+    max_len = max(64 + tokens, args.prompt_tokens + 1)
     nucleus = args.sampling == "nucleus"
 
     # Every torch set-up (and HF generate) runs on a short-lived thread, and only the engine being
@@ -106,17 +132,23 @@ def main() -> None:
     systems = {}  # name -> (callable(n) -> tok/s, dtype, engine or None)
     loop = asyncio.new_event_loop()
 
+    long_ids = long_prompt(dense.tokenizer, args.prompt_tokens) if args.prompt_tokens else None
+    prefill = {}  # name -> callable() -> prompt tokens/s
+
     def add_engine(name, loaded, dtype):
         eng = off_main_thread(lambda: Engine(loaded, EngineConfig(max_num_seqs=max(conc), max_model_len=max_len,
+                                                                   max_num_batched_tokens=max(2048, args.prompt_tokens),
                                                                    device=args.device, dtype=dtype)))
         systems[name] = (lambda n, e=eng: loop.run_until_complete(engine_run_async(e, n, tokens, nucleus)),
                          str(eng.dtype), eng)
+        prefill[name] = lambda e=eng: loop.run_until_complete(engine_prefill_async(e, long_ids))
 
     if "hf" not in skip:
         from transformers import AutoModelForCausalLM
         hf = off_main_thread(lambda: AutoModelForCausalLM.from_pretrained(dense.path, dtype=torch.float32).eval())
         systems["hf-generate"] = (lambda n: off_main_thread(lambda: hf_run(hf, dense.tokenizer, n, tokens, nucleus)),
                                   "torch.float32", None)
+        prefill["hf-generate"] = lambda: off_main_thread(lambda: hf_prefill(hf, long_ids))
     if "dense-fp32" not in skip:
         add_engine("engine-dense-fp32", off_main_thread(lambda: load_model("default")), "float32")
     if "dense" not in skip:
@@ -127,7 +159,8 @@ def main() -> None:
             frac = loaded.factor.active_ffn_fraction(loaded.model.config.num_hidden_layers)
             add_engine(f"engine-{preset}-{frac:.0%}ffn", loaded, args.dtype)
 
-    results = {name: {n: [] for n in conc} for name in systems}
+    cols = conc + (["prefill"] if long_ids else [])
+    results = {name: {n: [] for n in cols} for name in systems}
     for r in range(repeats):
         for name, (fn, _, eng) in systems.items():
             if eng is not None:
@@ -137,6 +170,10 @@ def main() -> None:
                 gc.collect()
                 results[name][n].append(fn(n))
                 print(f"repeat {r + 1}/{repeats}  n={n:<3} {name:<26} {results[name][n][-1]:8.1f} tok/s", flush=True)
+            if long_ids:
+                prefill[name]()  # warm-up at this length
+                results[name]["prefill"].append(prefill[name]())
+                print(f"repeat {r + 1}/{repeats}  prefill {name:<26} {results[name]['prefill'][-1]:8.1f} prompt tok/s", flush=True)
             if eng is not None:
                 loop.run_until_complete(eng.stop())
     med = {name: {n: statistics.median(v) for n, v in cells.items()} for name, cells in results.items()}
@@ -145,20 +182,23 @@ def main() -> None:
     refs = [(label, ref) for label, ref in (("xHF", "hf-generate"), ("xDense", "engine-dense")) if ref in med]
     device = next((str(e.device) for _, _, e in systems.values() if e is not None), "cpu")
     print(f"\noutput tokens/s, median of {repeats}; {tokens} tokens per sequence, {args.sampling}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {device}")
-    head = f"{'system':<26} {'dtype':<9}" + "".join(f" {f'n={n}':>9}" for n in conc)
-    head += "".join(f" {f'{label}@{n}':>10}" for label, _ in refs for n in conc)
+          f"{torch.get_num_threads()} threads, device {device}"
+          + (f"; prefill: prompt tokens/s of one {args.prompt_tokens}-token prompt" if long_ids else ""))
+    label = {n: f"n={n}" for n in conc} | {"prefill": "prefill"}
+    head = f"{'system':<26} {'dtype':<9}" + "".join(f" {label[n]:>9}" for n in cols)
+    head += "".join(f" {f'{ref_label}@{label[n]}':>14}" for ref_label, _ in refs for n in cols)
     print(head)
     for name in med:
-        line = f"{name:<26} {systems[name][1].replace('torch.', ''):<9}" + "".join(f" {med[name][n]:9.1f}" for n in conc)
-        line += "".join(f" {med[name][n] / med[ref][n]:10.2f}" for _, ref in refs for n in conc)
+        line = f"{name:<26} {systems[name][1].replace('torch.', ''):<9}" + "".join(f" {med[name][n]:9.1f}" for n in cols)
+        line += "".join(f" {med[name][n] / med[ref][n]:14.2f}" for _, ref in refs for n in cols)
         print(line)
     if args.out:
         out = {"tokens_per_sequence": tokens, "sampling": args.sampling, "repeats": repeats, "concurrency": conc,
+               "prompt_tokens": args.prompt_tokens,
                "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                "device": device,
-               "systems": {name: {"dtype": systems[name][1], "tok_s": {str(n): med[name][n] for n in conc},
-                                  "runs": {str(n): results[name][n] for n in conc}} for name in med}}
+               "systems": {name: {"dtype": systems[name][1], "tok_s": {str(n): med[name][n] for n in cols},
+                                  "runs": {str(n): results[name][n] for n in cols}} for name in med}}
         Path(args.out).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.out}")
 

@@ -3,13 +3,16 @@
 For each token count and (N, K): median time of the dense FFN and of the MoE layer (each
 dispatch path in `DISPATCH_PATHS`, and the whole layer with the path `tune_dispatch` picks), all
 timed in turns; the speed-up over dense and its fraction of the FLOP bound (N / K for routed
-experts, ignoring the router). Prints a table, writes JSON.
+experts, ignoring the router). A path 3x slower than the fastest one at some token count is not
+timed at larger counts (as in `tune_dispatch`: the gathered path would allocate ~1 GB per call at
+512 tokens). Prints a table, writes JSON.
 
     python benchmarks/moe_layer.py [--tokens 1 8 64 512] [--configs 8x2 16x4 32x8] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -21,9 +24,7 @@ from factorllm.factor_config import FactorConfig
 from factorllm.factorize import factorize_layer
 from factorllm.model import GatedMLP
 from factorllm.moe import DISPATCH_PATHS as PATHS
-
-
-
+from server.engine import prepack_bf16_linears
 
 WARM_CALLS = 3
 
@@ -52,23 +53,32 @@ def real_ffn(layer: int, dtype: torch.dtype) -> GatedMLP:
 @torch.no_grad()
 def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: int,
         dtype: torch.dtype = torch.float32) -> list[dict]:
-    dense = real_ffn(layer, dtype)
-    hidden = dense.gate_proj.in_features
+    base = real_ffn(layer, torch.float32)
+    hidden = base.gate_proj.in_features
     rows = []
     for n, k in configs:
         factor = FactorConfig(experts=n, top_k=k, partition="contiguous", router_init="random")
-        factor.validate(dense.gate_proj.out_features)
-        moe = factorize_layer(dense.float(), torch.empty(0, hidden), factor, layer).to(dtype).eval()
-        dense.to(dtype)
+        factor.validate(base.gate_proj.out_features)
+        moe = factorize_layer(base, torch.empty(0, hidden), factor, layer).to(dtype).eval()
+        dense = copy.deepcopy(base).to(dtype)
+        dense.fuse()  # one matmul for gate and up, as in the engine
         moe.collect_stats = False
+        if dtype == torch.bfloat16:  # as the engine runs them: fp32 router, prepacked oneDNN linears
+            moe.router.float()
+            prepack_bf16_linears(dense, 64)
+            prepack_bf16_linears(moe, 64)
         moe.tune_dispatch()
-        for t in tokens:
+        paths = list(PATHS)
+        for t in sorted(tokens):
             x = torch.randn(t, hidden, dtype=dtype)
             _, idx, w = moe.route(x)
             fns = {"dense": lambda: dense(x), "moe": lambda: moe(x)}
-            fns.update({path: (lambda path=path: getattr(moe, path)(x, idx, w)) for path in PATHS})
+            fns.update({path: (lambda path=path: getattr(moe, path)(x, idx, w)) for path in paths})
+            times = median_times(fns, repeats)
             row = dict(tokens=t, experts=n, top_k=k)
-            row.update({f"{name}_ms": s * 1e3 for name, s in median_times(fns, repeats).items()})
+            row.update({f"{name}_ms": times[name] * 1e3 if name in times else None for name in ["dense", "moe", *PATHS]})
+            fastest = min(times[path] for path in paths)
+            paths = [path for path in paths if times[path] <= 3 * fastest]
             row["path"] = moe.path_for(t)
             row["speedup"] = row["dense_ms"] / row["moe_ms"]
             row["flop_bound"] = n / k
@@ -94,7 +104,7 @@ def main() -> None:
     print(f"| tokens | N | K | dense ms | MoE ms (picked path) | {' | '.join(PATHS)} | speed-up | FLOP bound | of bound |")
     print("|---:|---:|---:|---:|---:|" + "---:|" * len(PATHS) + "---:|---:|---:|")
     for r in rows:
-        paths = " | ".join(f"{r[f'{path}_ms']:.3f}" for path in PATHS)
+        paths = " | ".join("-" if r[f"{path}_ms"] is None else f"{r[f'{path}_ms']:.3f}" for path in PATHS)
         print(f"| {r['tokens']} | {r['experts']} | {r['top_k']} | {r['dense_ms']:.3f} | {r['moe_ms']:.3f} ({r['path']}) | "
               f"{paths} | {r['speedup']:.2f}x | {r['flop_bound']:.1f}x | {r['fraction_of_bound']:.2f} |")
     out = Path(args.out)

@@ -3,7 +3,8 @@
 Expert e owns E = intermediate/N neurons: rows of gate_proj/up_proj and columns of down_proj.
 Weights are stacked per layer as `experts_gate [N, E, H]`, `experts_up [N, E, H]` and
 `experts_down [N, E, H]` (ready for grouped kernels and export). At inference gate and up run as
-one matmul per expert on a fused `[N, 2E, H]` tensor (see `gate_up`). Optional shared neurons
+one matmul per expert on a fused `[N, 2E, H]` tensor (see `gate_up`); the dispatch paths that
+run the experts are methods named in DISPATCH_PATHS. Optional shared neurons
 form an always-on dense `GatedMLP`.
 
 Gates (a documented choice, all exact at K = N):
@@ -28,7 +29,7 @@ from .model import GatedMLP, activation
 
 GATES = ("sum", "scaled", "weighted")
 # Ways to run the experts on a batch (methods of MoEFFN); `tune_dispatch` picks one per batch size.
-DISPATCH_PATHS = ("grouped", "padded", "masked", "gathered")
+DISPATCH_PATHS = ("grouped", "looped", "padded", "masked", "gathered")
 
 
 class MoEFFN(nn.Module):
@@ -48,7 +49,7 @@ class MoEFFN(nn.Module):
         self.experts_down = nn.Parameter(torch.empty(num_experts, expert_size, hidden))
         self.shared = GatedMLP(hidden, shared_size, act) if shared_size else None
         # [(max_tokens, path)], ascending: the dispatch path to use up to each token count,
-        # measured by tune_dispatch; beyond the last entry, "grouped".
+        # measured by tune_dispatch; beyond the last entry, see path_for.
         self.dispatch_plan: list[tuple[int, str]] = []
         self.collect_stats = True
         self.time_experts = False
@@ -166,8 +167,9 @@ class MoEFFN(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         _, idx, weights = self.route(flat)
-        # Only the grouped path runs experts one by one, so timed steps take it.
-        path = "grouped" if self.time_experts else self.path_for(flat.shape[0])
+        # Timed steps run experts one by one, and the grouped matmul has no CPU backward.
+        looped = self.time_experts or torch.is_grad_enabled()
+        path = "looped" if looped else self.path_for(flat.shape[0])
         return self.run_path(path, flat, idx, weights).view(shape)
 
     def run_path(self, path: str, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -181,7 +183,9 @@ class MoEFFN(nn.Module):
         for max_tokens, path in self.dispatch_plan:
             if tokens <= max_tokens:
                 return path
-        return "grouped"
+        # A layer that keeps every expert (a dense layer of a per-layer top-k schedule) saves
+        # nothing by sorting tokens: it runs as the dense FFN does.
+        return "masked" if self.top_k == self.num_experts else "grouped"
 
     def expert_forward(self, e: int, x: torch.Tensor, w: torch.Tensor | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,18 +199,38 @@ class MoEFFN(nn.Module):
             return out.copy_(h @ self.experts_down[e])
         return torch.matmul(h, self.experts_down[e], out=out)
 
-    def grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        """Sort (token, expert) pairs by expert; one matmul chain per expert that has tokens, each
-        writing its rows of one buffer; the buffer is summed back into the tokens' rows."""
+    def sort_by_expert(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None):
+        """The (token, expert) pairs sorted by expert: tokens per expert [N], each pair's token
+        [T*K], its input row [T*K, H] and gate weight [T*K, 1] (None for unweighted gates)."""
         flat_idx = idx.flatten()
         order = flat_idx.argsort(stable=True)
-        counts = flat_idx.bincount(minlength=self.num_experts).tolist()
         token_of = order // self.top_k
         xs = x.index_select(0, token_of)  # a row copy: several times faster than x[token_of] on CPU
         ws = None if weights is None else weights.flatten()[order, None]
+        return flat_idx.bincount(minlength=self.num_experts), token_of, xs, ws
+
+    def grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Pairs sorted by expert, then one grouped matmul per projection over all experts
+        (`F.grouped_mm`: a single call where a Python loop would issue one matmul chain per
+        expert; on CUDA it reads the group offsets on the device, so nothing synchronizes);
+        the rows are summed back into their tokens. Inference only (no CPU backward)."""
+        counts, token_of, xs, ws = self.sort_by_expert(x, idx, weights)
+        offs = counts.cumsum(0).to(torch.int32)
+        g, u = F.grouped_mm(xs, self.gate_up().transpose(1, 2), offs=offs).chunk(2, -1)
+        h = self.act(g) * u
+        if ws is not None:
+            h = h * ws
+        ys = F.grouped_mm(h, self.experts_down, offs=offs)
+        return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+    def looped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Pairs sorted by expert, then a loop over the experts that have tokens, each writing its
+        rows of one buffer, summed back into the tokens' rows: differentiable, and the path that
+        can time each expert (timed serving steps)."""
+        counts, token_of, xs, ws = self.sort_by_expert(x, idx, weights)
         ys = torch.empty_like(xs)
         start = 0
-        for e, n in enumerate(counts):
+        for e, n in enumerate(counts.tolist()):
             if n == 0:
                 continue
             rows = slice(start, start + n)

@@ -76,6 +76,8 @@ def test_dense_layers_keep_every_expert_at_the_same_mean_k(dense_slice, sample_t
         want = dense_slice.model.layers[0].mlp(x)
         torch.testing.assert_close(moe.model.layers[0].mlp(x), want, rtol=1e-5, atol=1e-3)  # |want| ~ 300
         assert (moe.model.layers[2].mlp(x) - dense_slice.model.layers[2].mlp(x)).abs().max().item() > 1e-2
+    # Past the tuned sizes the dense layer runs as one matmul pair, the others sort by expert.
+    assert moe.model.layers[0].mlp.path_for(4096) == "masked" and moe.model.layers[1].mlp.path_for(4096) == "grouped"
 
 
 def test_dense_layers_that_cannot_be_paid_for_are_refused():

@@ -205,7 +205,7 @@ def test_step_stats_for_metrics(default_model, fresh_default_model):
         tokens = s.num_prefill_tokens + s.num_decode_tokens
         assert s.expert_tokens.shape == (30, 8) and (s.expert_tokens.sum(1) == tokens * 2).all()
         assert s.router_entropy.shape == (30,) and s.step_time > 0
-        # Per-expert seconds per layer where the grouped path ran (None for layers that did not).
+        # Per-expert seconds per layer where the looped path ran (None for layers that did not).
         assert s.expert_seconds is None or len(s.expert_seconds) == 30
 
 
