@@ -8,7 +8,7 @@ engine on the dense model (fp32 and the platform's fast dtype) and on factorized
 hits them alike. Ratios are within this one run. Decoding is greedy; `--sampling nucleus`
 samples at temperature 1 with top_p 0.95 instead (seeded, HF alike), which adds the sampler's cost.
 Prefill (time to first token) is measured apart: one request with a --prompt-tokens prompt and a
-single output token, reported as prompt tokens/s; long prompts are where the factorized FFN's
+single output token (median of 3 per repeat), reported as prompt tokens/s; long prompts are where the factorized FFN's
 saved FLOPs show (decode steps of many sequences touch nearly every expert, see docs/results.md).
 
     python benchmarks/engine_throughput.py [--quick] [--sampling greedy|nucleus] [--prompt-tokens 512] [--out results.json]
@@ -172,7 +172,7 @@ def main() -> None:
                 print(f"repeat {r + 1}/{repeats}  n={n:<3} {name:<26} {results[name][n][-1]:8.1f} tok/s", flush=True)
             if long_ids:
                 prefill[name]()  # warm-up at this length
-                results[name]["prefill"].append(prefill[name]())
+                results[name]["prefill"].append(statistics.median(prefill[name]() for _ in range(3)))
                 print(f"repeat {r + 1}/{repeats}  prefill {name:<26} {results[name]['prefill'][-1]:8.1f} prompt tok/s", flush=True)
             if eng is not None:
                 loop.run_until_complete(eng.stop())
