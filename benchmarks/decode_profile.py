@@ -31,7 +31,7 @@ def decode_step(engine: Engine, tokens: torch.Tensor, context: int) -> torch.Ten
     B = tokens.shape[0]
     batch = CacheBatch.build(list(range(B)), [context] * B, [1] * B, engine.device)
     h = engine.model.hidden_states(tokens, cache=engine.cache, batch=batch)
-    return engine._lm_head(h[:, 0]).float()
+    return engine.model.lm_head(h[:, 0]).float()
 
 
 @torch.inference_mode()

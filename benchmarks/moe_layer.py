@@ -45,15 +45,15 @@ def median_times(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def real_ffn(layer: int, dtype: torch.dtype) -> GatedMLP:
+def real_ffn(layer: int) -> GatedMLP:
     from factorllm.loading import load_model
-    return load_model("default").model.layers[layer].mlp.to(dtype)
+    return load_model("default").model.layers[layer].mlp.float()
 
 
 @torch.no_grad()
 def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: int,
         dtype: torch.dtype = torch.float32) -> list[dict]:
-    base = real_ffn(layer, torch.float32)
+    base = real_ffn(layer)
     hidden = base.gate_proj.in_features
     rows = []
     for n, k in configs:

@@ -49,7 +49,7 @@ class MoEFFN(nn.Module):
         self.experts_down = nn.Parameter(torch.empty(num_experts, expert_size, hidden))
         self.shared = GatedMLP(hidden, shared_size, act) if shared_size else None
         # [(max_tokens, path)], ascending: the dispatch path to use up to each token count,
-        # measured by tune_dispatch; beyond the last entry, see path_for.
+        # measured by tune_dispatch; beyond the last entry, "grouped" (see path_for).
         self.dispatch_plan: list[tuple[int, str]] = []
         self.collect_stats = True
         self.time_experts = False
@@ -179,13 +179,19 @@ class MoEFFN(nn.Module):
             out = out + self.shared(x)
         return out
 
+    @property
+    def keeps_every_expert(self) -> bool:
+        """K = N (a dense layer of a per-layer top-k schedule): every path does the dense FFN's
+        work, and `masked` does it as the dense FFN does, one matmul pair; nothing to tune."""
+        return self.top_k == self.num_experts
+
     def path_for(self, tokens: int) -> str:
+        if self.keeps_every_expert:
+            return "masked"
         for max_tokens, path in self.dispatch_plan:
             if tokens <= max_tokens:
                 return path
-        # A layer that keeps every expert (a dense layer of a per-layer top-k schedule) saves
-        # nothing by sorting tokens: it runs as the dense FFN does.
-        return "masked" if self.top_k == self.num_experts else "grouped"
+        return "grouped"
 
     def expert_forward(self, e: int, x: torch.Tensor, w: torch.Tensor | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
@@ -313,7 +319,11 @@ class MoEFFN(nn.Module):
         The paths run in turns, and each keeps its least disturbed time, so that other work on the
         machine does not decide the choice. A path 3x slower than the best at one count is not
         timed at larger counts (the gathered path's cost grows fastest). Counts above the largest
-        candidate use "grouped" (it wins at prefill sizes)."""
+        candidate use "grouped" (it wins at prefill sizes). Layers that keep every expert are not
+        timed (`keeps_every_expert`)."""
+        if self.keeps_every_expert:
+            self.dispatch_plan = []
+            return []
         p = self.experts_gate
         plan, paths = [], list(DISPATCH_PATHS)
         for n in candidates:

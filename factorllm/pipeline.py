@@ -38,7 +38,8 @@ def factorize_source(source: str | None, factor: FactorConfig, calib_file: str |
         raise SourceError(f"{source} is already factorized")
     factor.base = loaded.source
     factor.calib = calib_file or "self-generated"
-    factor.validate(loaded.model.config.intermediate_size)
+    cfg = loaded.model.config
+    factor.validate(cfg.intermediate_size, cfg.num_hidden_layers)  # before minutes of sampling
     t0 = time.perf_counter()
     calib = calibration_tokens(loaded.model, loaded.tokenizer, calib_file, factor.calib_seqs, calib_len,
                                factor.seed) if factor.needs_calibration else None

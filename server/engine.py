@@ -277,7 +277,8 @@ class Engine:
         self.eos_ids = set(cfg.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        self._lm_head = self._fast_lm_head()
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            prepack_bf16_linears(self.model, config.max_num_seqs)
         num_slots = config.max_num_seqs
         if config.kv_cache_memory_fraction is not None:
             num_slots = self._slots_from_memory(config.kv_cache_memory_fraction)
@@ -291,13 +292,6 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.num_steps = 0
-
-    def _fast_lm_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """CPU bf16: prepacked oneDNN linears everywhere (`prepack_bf16_linears`). Returns the
-        output projection."""
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            prepack_bf16_linears(self.model, self.config.max_num_seqs)
-        return self.model.lm_head
 
     # ---- sizing and properties
     def _slots_from_memory(self, fraction: float) -> int:
@@ -381,12 +375,12 @@ class Engine:
             batch = CacheBatch.build([0], [0], [chunk], self.device)
             h = self.model.hidden_states(torch.zeros(1, chunk, dtype=torch.long, device=self.device),
                                          cache=self.cache, batch=batch)
-            self._lm_head(h[:, -1]).float()
+            self.model.lm_head(h[:, -1]).float()
             # Rows at different positions: the explicit-mask attention over the longest span.
             batch = CacheBatch.build(list(range(B)), [last - b % 2 for b in range(B)], [1] * B, self.device)
             h = self.model.hidden_states(torch.zeros(B, 1, dtype=torch.long, device=self.device),
                                          cache=self.cache, batch=batch)
-            self._lm_head(h[:, 0]).float()
+            self.model.lm_head(h[:, 0]).float()
         for m in self.moes:
             m.reset_stats()
 
@@ -557,7 +551,7 @@ class Engine:
             s.num_computed += 1
         if record:
             self._record_routing(seqs, 1, [1] * len(seqs))
-        return self._lm_head(h[:, 0]).float()
+        return self.model.lm_head(h[:, 0]).float()
 
     def _prefill(self, chunks: list[tuple[Sequence, int]], record: bool) -> tuple[list[Sequence], torch.Tensor | None]:
         """The next prompt chunk of each sequence, in padded forwards [P, T] of similar-length rows
@@ -566,7 +560,7 @@ class Engine:
         done, last = [], []
         for group in padding_groups(chunks):
             self._prefill_group(group, record, done, last)
-        return done, (self._lm_head(torch.stack(last)).float() if last else None)
+        return done, (self.model.lm_head(torch.stack(last)).float() if last else None)
 
     def _prefill_group(self, chunks: list[tuple[Sequence, int]], record: bool,
                        done: list[Sequence], last: list[torch.Tensor]) -> None:
@@ -589,7 +583,7 @@ class Engine:
                 targets = seq.prompt_ids[start + 1:start + n + 1]
                 if targets:
                     try:
-                        lg = self._lm_head(h[i, :len(targets)]).float()
+                        lg = self.model.lm_head(h[i, :len(targets)]).float()
                         seq.prompt_logprobs += self._token_logprobs(lg, targets, seq.params.prompt_logprobs)
                     except Exception as e:  # fails this request only
                         log.exception("prompt logprobs failed")
