@@ -33,7 +33,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 CONFIGS = {
     "paper-50": dict(experts=16, top_k=8, partition="contiguous", gate="scaled", router_init="random",
-                     router_label="paper"),
+                     router_label="paper", sequential=False),
     "quality": PRESETS["quality"],
     "fast": PRESETS["fast"],
 }

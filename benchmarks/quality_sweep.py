@@ -7,11 +7,12 @@ a table on stdout, JSON and a PNG Pareto plot (quality retention vs active FFN f
 measured speed) under --out.
 
 Recipes:
-  paper:    contiguous partition, random router trained with the paper's PAR label, gate "scaled"
-            (N/K), no shared experts, no refit: FactorLLM as described.
+  paper:    contiguous partition, random router trained with the paper's PAR label on the dense
+            model's own FFN inputs, gate "scaled" (N/K), no shared experts, no refit: FactorLLM as described.
   improved: co-activation clusters, a share of always-on shared groups (--shared-shares, default
             G/8), optionally dense first layers (--dense-layers), least-squares router init trained
-            on greedy best-subset labels, gate "sum", closed-form refit of the down projections.
+            on greedy best-subset labels, gate "sum", closed-form refit of the down projections,
+            each layer fit on the inputs of the factorized layers below it (sequential).
 
   python benchmarks/quality_sweep.py --quick       # a reduced grid
   python benchmarks/quality_sweep.py --groups 8 16 32 64 --fractions 0.5 0.25 --finetune-steps 50
@@ -36,7 +37,7 @@ from factorllm.distill import DistillConfig, distill  # noqa: E402
 from factorllm.errors import UsageError  # noqa: E402
 from factorllm.evaluate import compare, evaluate  # noqa: E402
 from factorllm.factor_config import FactorConfig  # noqa: E402
-from factorllm.factorize import capture_ffn_inputs, factorize  # noqa: E402
+from factorllm.factorize import factorize  # noqa: E402
 from factorllm.loading import load_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -48,8 +49,8 @@ def recipe(name: str, groups: int, fraction: float, label: str | None = None, re
     improved: `shared_share` of the groups always on, the first `dense_layers` layers dense."""
     if name == "paper":
         k = round(groups * fraction)
-        return FactorConfig(experts=groups, top_k=k, partition="contiguous", gate="scaled",
-                            router_init="random", router_label=label or "paper") if k >= 1 else None
+        return FactorConfig(experts=groups, top_k=k, partition="contiguous", gate="scaled", router_init="random",
+                            router_label=label or "paper", sequential=False) if k >= 1 else None
     shared = max(round(groups * shared_share), 1)
     k = round(groups * fraction) - shared
     if k < 1:
@@ -149,7 +150,6 @@ def main(argv=None) -> int:
         calib = torch.load(calib_cache)
     opts = dict(ppl_file=args.ppl, mc_file=args.mc if args.limit else None, limit=args.limit or None,
                 ppl_tokens=args.ppl_tokens, progress=False)
-    inputs = capture_ffn_inputs(dense.model, calib)
     base = evaluate(dense, **opts)
     rows = [row_of("dense", None, base, base, {})]
     print(HEADER)
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         student = copy.copy(dense)
         student.model = copy.deepcopy(dense.model)
         try:
-            factorize(student.model, factor, calib, inputs)
+            factorize(student.model, factor, calib)
         except UsageError as e:  # e.g. dense layers that the other layers' K cannot pay for
             print(f"skipped {rname} G={groups} fraction={fraction} dense_layers={dense_layers}: {e}")
             continue

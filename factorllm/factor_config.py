@@ -35,6 +35,7 @@ class FactorConfig:
     router_label: str | None = None  # PAR router training on this pseudo-label (router_training.py)
     router_steps: int = 100
     refit: bool = False              # closed-form refit of the down projections (distill.refit_down)
+    sequential: bool = True          # fit each layer on the inputs the factorized layers below it produce
     base: str = "default"
     calib: str = "self-generated"
     seed: int = 0

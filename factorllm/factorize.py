@@ -1,11 +1,13 @@
 """Turn a dense `Transformer` into a factorized one, layer by layer.
 
-For each layer: capture the FFN's input on calibration tokens, choose a partition of the
+For each layer: take the FFN's input on calibration tokens, choose a partition of the
 intermediate neurons (contiguous, or balanced co-activation clusters), set aside the most
 important neurons as always-on shared experts, copy the weights into the stacked expert
 tensors of a `MoEFFN` in partition order (no value changes), and initialize its router;
 optionally train the router on PAR pseudo-labels (router_training.py) and refit the down
 projections in closed form (distill.refit_down), both against the dense FFN on the same inputs.
+The layers are fit in one pass over the calibration tokens, bottom to top, each on the inputs
+that the already factorized layers below it produce (`fit_layer_by_layer`).
 """
 from __future__ import annotations
 
@@ -120,22 +122,59 @@ def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer:
 
 
 @torch.no_grad()
-def factorize(model: Transformer, factor: FactorConfig, calib_tokens: torch.Tensor | None,
-              inputs: list[torch.Tensor] | None = None) -> Transformer:
-    """Factorize `model` in place. Calibration tokens are needed unless the partition is
-    contiguous and the router random; `inputs` may give their FFN inputs (capture_ffn_inputs)
-    precomputed, to share one capture between several factorizations."""
+def fit_layer_by_layer(model: Transformer, tokens: torch.Tensor, fit, sequential: bool = True,
+                       desc: str = "factorizing") -> None:
+    """Run `tokens` [B, T] through `model` once; when layer i's FFN is reached, call
+    `fit(i, ffn, x)` with its input x [B*T, H] and make the module it returns layer i's FFN.
+    sequential: the rest of the pass continues from the new FFN's output, so every layer is fit on
+    the inputs that the already fitted layers below it produce (as GPTQ calibrates; each layer can
+    then absorb part of the error of those below it); otherwise from the original FFN's output
+    (every layer sees the dense model's inputs)."""
+    bar = tqdm(total=len(model.layers), desc=desc, unit="layer")
+    handles = {}
+
+    def hook_for(i: int, layer):
+        def hook(ffn, args, out):
+            handles.pop(i).remove()  # the fitted module may be `ffn` itself: no recursion below
+            x = args[0]
+            new = fit(i, ffn, x.reshape(-1, x.shape[-1]))
+            layer.mlp = new
+            bar.update()
+            if sequential:
+                out = new(x).view_as(out)
+                if isinstance(new, MoEFFN):
+                    new.reset_stats()
+            return out
+        return hook
+
+    for i, layer in enumerate(model.layers):
+        handles[i] = layer.mlp.register_forward_hook(hook_for(i, layer))
+    try:
+        model.hidden_states(tokens)
+    finally:
+        for h in handles.values():
+            h.remove()
+        bar.close()
+
+
+@torch.no_grad()
+def factorize(model: Transformer, factor: FactorConfig, calib_tokens: torch.Tensor | None) -> Transformer:
+    """Factorize `model` in place, layer by layer on the calibration tokens [B, T] (needed unless
+    the partition is contiguous and the router random); see `fit_layer_by_layer` for
+    `factor.sequential`."""
     factor.validate(model.config.intermediate_size, len(model.layers))
-    if factor.needs_calibration:
-        inputs = list(inputs) if inputs is not None else capture_ffn_inputs(model, calib_tokens)
-    else:
-        inputs = None
     stats: dict = {}
-    for i, layer in enumerate(tqdm(model.layers, desc="factorizing", unit="layer")):
-        x = inputs[i].float() if inputs is not None else torch.empty(0, model.config.hidden_size)
-        layer.mlp = factorize_layer(layer.mlp.float(), x, factor, i, stats).to(layer.input_layernorm.weight)
-        if inputs is not None:
-            inputs[i] = None  # free as we go
+
+    def fit(i: int, mlp: GatedMLP, x: torch.Tensor) -> MoEFFN:
+        dtype = x.dtype
+        return factorize_layer(mlp.float(), x.float(), factor, i, stats).to(dtype)
+
+    if factor.needs_calibration:
+        fit_layer_by_layer(model, calib_tokens, fit, factor.sequential)
+    else:
+        empty = torch.empty(0, model.config.hidden_size)
+        for i, layer in enumerate(tqdm(model.layers, desc="factorizing", unit="layer")):
+            layer.mlp = fit(i, layer.mlp, empty.to(layer.input_layernorm.weight))
     factor.trained.update(summarize_stats(stats, factor))
     return model
 

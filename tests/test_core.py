@@ -88,6 +88,29 @@ def test_dense_layers_that_cannot_be_paid_for_are_refused():
         FactorConfig(experts=10, top_k=2, top_k_per_layer=[2, 2]).resolve_layer_top_k(30)
 
 
+@pytest.mark.parametrize("sequential", [True, False])
+def test_each_layer_is_fit_on_the_inputs_below_it(dense_slice, sample_tokens, sequential):
+    """Sequential: layer i is fit on what the factorized layers 0..i-1 feed it (the finished
+    model's own FFN inputs); otherwise on the dense model's FFN inputs."""
+    from factorllm.factorize import capture_ffn_inputs, factorize_layer, fit_layer_by_layer
+    factor = FactorConfig(experts=8, top_k=2, partition="cluster", router_label="greedy", refit=True)
+    factor.validate(1536, SLICE_LAYERS)
+    model = sliced(dense_slice).model
+    seen = []
+
+    def fit(i, mlp, x):
+        seen.append(x.clone())
+        return factorize_layer(mlp, x, factor, i)
+
+    fit_layer_by_layer(model, sample_tokens, fit, sequential)
+    assert len(seen) == SLICE_LAYERS and all(type(layer.mlp).__name__ == "MoEFFN" for layer in model.layers)
+    own, dense = capture_ffn_inputs(model, sample_tokens), capture_ffn_inputs(dense_slice.model, sample_tokens)
+    expected = own if sequential else dense
+    for got, want in zip(seen, expected):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert (own[-1] - dense[-1]).abs().max() > 1e-2  # the two modes really differ
+
+
 @pytest.mark.parametrize("shared", [0, 3])
 def test_cluster_partition_is_a_balanced_permutation(dense_slice, sample_tokens, shared):
     from factorllm.factorize import capture_ffn_inputs

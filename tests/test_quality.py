@@ -154,3 +154,43 @@ def test_eval_cli_json(tmp_path, capsys):
         assert key in r
     assert r["ppl"] > 1 and r["acc"] in (0.0, 1.0) and r["active_ffn_fraction"] == 1.0 and r["tokens_per_s"] is None
     assert "perplexity" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- layer-wise recovery of a checkpoint
+
+TRAIN_TEXT = (
+    "The river runs through the old town, past the market square and the stone bridge where fishermen "
+    "sell their catch in the early morning. In spring the water rises and the meadows along its banks "
+    "turn green; in autumn the fog settles over them until noon. The town council met on Tuesday to "
+    "discuss the new library, which will open next year with a reading room, a children's corner and "
+    "a small museum of local history. Engineers measured the load of the bridge and found that it can "
+    "carry twice the traffic it sees today. A computer program is a list of instructions that a machine "
+    "follows one after another; a variable holds a value, a loop repeats a block of code, and a function "
+    "gives a name to a piece of work so that it can be used again. Bread is made from flour, water, salt "
+    "and yeast: the dough rises while the yeast turns sugar into gas, and baking sets its shape. ") * 3
+
+
+def kl_to(dense, student, tokens) -> float:
+    with torch.no_grad():
+        p = dense(tokens).float().log_softmax(-1)
+        q = student(tokens).float().log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+def test_train_cli_recovers_a_checkpoint_layer_by_layer(tmp_path, default_model, sample_tokens):
+    """`factorllm train` (PAR routers + down refit, each layer on the student's own inputs) moves a
+    paper-style checkpoint (contiguous split, untrained random router) toward its dense teacher on
+    held-out text."""
+    from factorllm.loading import load_model
+    ck, trained = tmp_path / "ck", tmp_path / "trained"
+    assert main(["factorize", "--experts", "8", "--top-k", "4", "--partition", "contiguous",
+                 "--router-init", "random", "--out", str(ck)]) == 0
+    data = write(tmp_path / "train.txt", TRAIN_TEXT)
+    assert main(["train", "--model", str(ck), "--data", data, "--out", str(trained), "--seq-len", "64",
+                 "--par-seqs", "4", "--par-steps", "30"]) == 0
+    before, after = load_model(str(ck)), load_model(str(trained))
+    kl_before = kl_to(default_model.model, before.model, sample_tokens)
+    kl_after = kl_to(default_model.model, after.model, sample_tokens)
+    assert kl_after < 0.8 * kl_before, (kl_before, kl_after)
+    assert after.factor.trained["par"]["label"] == "greedy"
+    assert after.factor.trained["refit"]["err_after"] < after.factor.trained["refit"]["err_before"]
