@@ -27,7 +27,7 @@ from .router_training import balance_loss
 
 
 @torch.no_grad()
-def refit_down(moe: MoEFFN, x: torch.Tensor, dense_out: torch.Tensor, ridge: float = 1.0) -> dict:
+def refit_down(moe: MoEFFN, x: torch.Tensor, dense_out: torch.Tensor, ridge: float) -> dict:
     """Jointly refit every down projection of `moe` so that its output on x [T, H] (routing fixed)
     matches `dense_out` [T, H]. `ridge` (relative to the mean diagonal of the features' Gram matrix)
     pulls toward the original weights: on 4-8k calibration tokens 1.0 measured best (quality preset
@@ -179,18 +179,18 @@ def distill(student, teacher, tokens: torch.Tensor, cfg: DistillConfig, state_pa
 
 
 @torch.no_grad()
-def recover_layers(student, teacher, tokens: torch.Tensor, label: str | None = "greedy", steps: int = 100,
-                   refit: bool = True, sequential: bool = True) -> dict:
+def recover_layers(student, teacher, tokens: torch.Tensor, factor, label: str | None = "greedy", steps: int = 100,
+                   refit: bool = True) -> dict:
     """Layer by layer against the dense teacher's FFN on each layer's FFN inputs for `tokens`
-    (the student's own, bottom to top, or with `sequential=False` the teacher's): PAR router
-    training on `label` (None: keep the routers), then the closed-form down refit. Returns layer
-    means of the statistics (as factorize records them)."""
+    (the student's own, bottom to top, or the teacher's if the checkpoint's FactorConfig `factor`
+    is not sequential): PAR router training on `label` (None: keep the routers), then the
+    closed-form down refit. Returns layer means of the statistics (as factorize records them)."""
     from .factorize import fit_layer_by_layer, summarize_stats
     from .router_training import compute_labels, train_router
 
     stats: dict = {}
     dense_ffns = [layer.mlp for layer in teacher.layers]
-    model = student if sequential else teacher
+    model = student if factor.sequential else teacher
 
     def fit(i: int, ffn, x: torch.Tensor) -> torch.nn.Module:
         moe = student.layers[i].mlp.float()
@@ -201,11 +201,11 @@ def recover_layers(student, teacher, tokens: torch.Tensor, label: str | None = "
             with torch.enable_grad():
                 stats.setdefault("par", []).append(train_router(moe, x, labels, steps=steps, seed=i))
         if refit:
-            stats.setdefault("refit", []).append(refit_down(moe, x, dense_out))
+            stats.setdefault("refit", []).append(refit_down(moe, x, dense_out, factor.refit_ridge))
         moe.reset_stats()
         return ffn  # the pass goes on through the module it reached (student's, or teacher's dense FFN)
 
-    fit_layer_by_layer(model, tokens, fit, sequential, desc="router training" if label else "refitting")
+    fit_layer_by_layer(model, tokens, fit, factor.sequential, desc="router training" if label else "refitting")
     out = summarize_stats(stats, None)
     if "par" in out:
         out["par"].update(label=label, steps=steps)

@@ -35,6 +35,7 @@ class FactorConfig:
     router_label: str | None = None  # PAR router training on this pseudo-label (router_training.py)
     router_steps: int = 100
     refit: bool = False              # closed-form refit of the down projections (distill.refit_down)
+    refit_ridge: float = 1.0         # its pull toward the original weights (docs/results.md, session 7)
     sequential: bool = True          # fit each layer on the inputs the factorized layers below it produce
     base: str = "default"
     calib: str = "self-generated"

@@ -114,7 +114,7 @@ def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer:
         if stats is not None:
             stats.setdefault("par", []).append(par)
     if factor.refit:
-        fit = refit_down(moe, x, dense_out)
+        fit = refit_down(moe, x, dense_out, factor.refit_ridge)
         if stats is not None:
             stats.setdefault("refit", []).append(fit)
     moe.reset_stats()

@@ -40,6 +40,9 @@ def add_factor_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--router-steps", type=int, help="PAR training steps per layer (default 100)")
     g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="refit the down projections in closed form against the dense FFN")
+    g.add_argument("--refit-ridge", type=float,
+                   help="how strongly the refit stays near the original weights (default 1.0; lower fits "
+                        "the calibration text more closely and overfits it)")
     g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="fit each layer on the inputs that the already factorized layers below it produce "
                         "(default; --no-sequential: on the dense model's own inputs, as the paper does)")
@@ -54,4 +57,4 @@ def factor_overrides(args: argparse.Namespace) -> dict:
                 partition=args.partition, gate=args.gate, router_init=args.router_init, seed=args.seed,
                 router_label=args.router_label, router_steps=args.router_steps, refit=args.refit,
                 top_k_per_layer=args.top_k_per_layer, dense_layers=args.dense_layers, calib_seqs=args.calib_seqs,
-                sequential=args.sequential)
+                sequential=args.sequential, refit_ridge=args.refit_ridge)

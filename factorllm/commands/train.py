@@ -67,9 +67,8 @@ def run(args: argparse.Namespace) -> int:
     trained = dict(loaded.factor.trained)
     if args.par != "none" or args.refit:
         pick = torch.linspace(0, tokens.shape[0] - 1, min(args.par_seqs, tokens.shape[0])).round().long()
-        trained.update(recover_layers(student, dense, tokens[pick].to(device),
-                                      None if args.par == "none" else args.par, args.par_steps, args.refit,
-                                      loaded.factor.sequential))
+        trained.update(recover_layers(student, dense, tokens[pick].to(device), loaded.factor,
+                                      None if args.par == "none" else args.par, args.par_steps, args.refit))
     if args.finetune:
         cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
                             warmup=max(args.steps // 10, 1), train=tuple(args.train), ce_weight=args.ce_weight,
