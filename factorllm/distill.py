@@ -189,13 +189,12 @@ def recover_layers(student, teacher, tokens: torch.Tensor, factor, label: str | 
     from .router_training import compute_labels, train_router
 
     stats: dict = {}
-    dense_ffns = [layer.mlp for layer in teacher.layers]
     model = student if factor.sequential else teacher
 
     def fit(i: int, ffn, x: torch.Tensor) -> torch.nn.Module:
         moe = student.layers[i].mlp.float()
         x = x.float()
-        dense_out = dense_ffns[i].float()(x)
+        dense_out = teacher.layers[i].mlp.float()(x)
         if label:
             labels = compute_labels(moe, x, dense_out, label)
             with torch.enable_grad():

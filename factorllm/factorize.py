@@ -33,20 +33,12 @@ def install_empty_moe(model: Transformer, factor: FactorConfig) -> None:
                            gate=factor.gate)
 
 
-@torch.no_grad()
-def capture_ffn_inputs(model: Transformer, tokens: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+def capture_ffn_inputs(model: Transformer, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Each layer's FFN input (the post-attention norm's output) for `tokens` [B, T], as [B*T, H]."""
-    captured: list[list[torch.Tensor]] = [[] for _ in model.layers]
-    hooks = [layer.mlp.register_forward_pre_hook(
-        lambda _m, args, i=i: captured[i].append(args[0].reshape(-1, args[0].shape[-1])))
-        for i, layer in enumerate(model.layers)]
-    try:
-        for b in range(0, tokens.shape[0], batch_size):
-            model(tokens[b:b + batch_size])
-    finally:
-        for h in hooks:
-            h.remove()
-    return [torch.cat(c) for c in captured]
+    captured: list[torch.Tensor] = []
+    fit_layer_by_layer(model, tokens, lambda i, ffn, x: captured.append(x) or ffn, sequential=False,
+                       desc="capturing FFN inputs")
+    return captured
 
 
 def neuron_activations(mlp: GatedMLP, x: torch.Tensor) -> torch.Tensor:
