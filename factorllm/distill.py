@@ -46,12 +46,16 @@ def refit_down(moe: MoEFFN, x: torch.Tensor, dense_out: torch.Tensor, ridge: flo
         feats.append(s.act(s.gate_proj(x)) * s.up_proj(x))
         w0.append(s.down_proj.weight)
     phi, w0, y = torch.cat(feats, 1).float(), torch.cat(w0, 1).float(), dense_out.float()  # [T, F], [H, F]
-    err_before = ((phi @ w0.T - y).norm() / y.norm()).item()
-    gram = (phi.T @ phi).double()
+    gram, cross, yy = (phi.T @ phi).double(), (phi.T @ y).double(), y.double().square().sum()
     lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    w = torch.linalg.solve(gram + lam * eye, (phi.T @ y).double() + lam * w0.T.double()).T.float()  # [H, F]
-    err_after = ((phi @ w.T - y).norm() / y.norm()).item()
+    w = torch.linalg.solve(gram + lam * eye, cross + lam * w0.T.double()).T  # [H, F]
+
+    def rel_err(wd: torch.Tensor) -> float:  # ||phi wd^T - y|| / ||y|| from the Gram matrix, no [T, H] product
+        sq = (wd @ gram * wd).sum() - 2 * (wd * cross.T).sum() + yy
+        return (sq.clamp_min(0) / yy).sqrt().item()
+
+    err_before, err_after = rel_err(w0.double()), rel_err(w)
     w = w.to(moe.experts_down.dtype)
     moe.experts_down.copy_(w[:, :N * E].T.reshape(N, E, -1))
     if moe.shared is not None:
@@ -192,13 +196,13 @@ def recover_layers(student, teacher, tokens: torch.Tensor, factor, label: str | 
     model = student if factor.sequential else teacher
 
     def fit(i: int, ffn, x: torch.Tensor) -> torch.nn.Module:
-        moe = student.layers[i].mlp.float()
+        # `ffn` is the module the pass reached: the student's MoE, or the teacher's dense FFN
+        moe = (ffn if factor.sequential else student.layers[i].mlp).float()
         x = x.float()
-        dense_out = teacher.layers[i].mlp.float()(x)
+        dense_out = (teacher.layers[i].mlp if factor.sequential else ffn).float()(x)
         if label:
             labels = compute_labels(moe, x, dense_out, label)
-            with torch.enable_grad():
-                stats.setdefault("par", []).append(train_router(moe, x, labels, steps=steps, seed=i))
+            stats.setdefault("par", []).append(train_router(moe, x, labels, steps=steps, seed=i))
         if refit:
             stats.setdefault("refit", []).append(refit_down(moe, x, dense_out, factor.refit_ridge))
         moe.reset_stats()

@@ -20,7 +20,7 @@ from .model import GatedMLP, Transformer
 from .moe import MoEFFN
 from .distill import refit_down
 from .partition import balanced_clusters, neuron_importance
-from .router_training import compute_labels, expert_outputs, train_router
+from .router_training import expert_output_stats, train_router
 
 
 def install_empty_moe(model: Transformer, factor: FactorConfig) -> None:
@@ -46,13 +46,13 @@ def neuron_activations(mlp: GatedMLP, x: torch.Tensor) -> torch.Tensor:
     return mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x)
 
 
-def choose_partition(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the shared neurons and a [N, E] table of each routed expert's neurons."""
+def choose_partition(mlp: GatedMLP, acts: torch.Tensor, factor: FactorConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the shared neurons and a [N, E] table of each routed expert's neurons, from the
+    neuron activations [T, I] on calibration tokens (unused by the contiguous split)."""
     I, E, S = mlp.gate_proj.out_features, factor.expert_size, factor.shared_experts
     if factor.partition == "contiguous":
         order = torch.arange(I)
         return order[:S * E], order[S * E:].view(factor.experts, E)
-    acts = neuron_activations(mlp, x)
     importance = neuron_importance(acts, mlp.down_proj.weight)
     ranked = importance.argsort(descending=True)
     shared, rest = ranked[:S * E].sort().values, ranked[S * E:]
@@ -60,9 +60,10 @@ def choose_partition(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, seed:
     return shared, rest[groups]
 
 
-def init_router(moe: MoEFFN, x: torch.Tensor, how: str, seed: int) -> None:
+def init_router(moe: MoEFFN, x: torch.Tensor, how: str, seed: int, norms: torch.Tensor | None = None) -> None:
     """random: the paper's untrained start. centroid: each expert's mean gate row, scaled to
-    unit logit spread. lstsq: ridge regression of each expert's output norm on x (closed form)."""
+    unit logit spread. lstsq: ridge regression of each expert's output norm on x (closed form;
+    `norms` [T, N] from `expert_output_stats`)."""
     w = moe.router.weight
     if how == "random":
         gen = torch.Generator().manual_seed(seed)
@@ -72,7 +73,6 @@ def init_router(moe: MoEFFN, x: torch.Tensor, how: str, seed: int) -> None:
         c = moe.experts_gate.mean(1)
         w.copy_(c / c.norm(dim=1, keepdim=True).clamp_min(1e-8) * (w.shape[1] ** 0.5 / x.norm(dim=1).mean()))
     else:
-        norms = expert_outputs(moe, x).norm(dim=-1).T              # [T, N]
         target = (norms - norms.mean(1, keepdim=True)) / norms.std(1, keepdim=True).clamp_min(1e-6)
         xd = x.double()
         gram = xd.T @ xd
@@ -85,7 +85,8 @@ def init_router(moe: MoEFFN, x: torch.Tensor, how: str, seed: int) -> None:
 def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer: int,
                     stats: dict | None = None) -> MoEFFN:
     """The MoE replacing `mlp`, built on its inputs x [T, H]; per-step statistics go to `stats`."""
-    shared, groups = choose_partition(mlp, x, factor, factor.seed + layer)
+    acts = neuron_activations(mlp, x)  # [T, I], shared by the partition and the dense output
+    shared, groups = choose_partition(mlp, acts, factor, factor.seed + layer)
     moe = MoEFFN(mlp.gate_proj.in_features, factor.expert_size, factor.experts, factor.layer_top_k(layer),
                  shared_size=shared.numel(), act=mlp.act_name, gate=factor.gate).to(x)
     g, u, d = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
@@ -96,13 +97,13 @@ def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer:
         moe.shared.gate_proj.weight.copy_(g[shared])
         moe.shared.up_proj.weight.copy_(u[shared])
         moe.shared.down_proj.weight.copy_(d[:, shared])
-    init_router(moe, x, factor.router_init, factor.seed + layer)
-    if factor.router_label or factor.refit:
-        dense_out = mlp(x)
+    dense_out = mlp.down_proj(acts)
+    norms = labels = None
+    if factor.router_init == "lstsq" or factor.router_label:
+        norms, labels = expert_output_stats(moe, x, dense_out, factor.router_label)
+    init_router(moe, x, factor.router_init, factor.seed + layer, norms)
     if factor.router_label:
-        labels = compute_labels(moe, x, dense_out, factor.router_label)
-        with torch.enable_grad():
-            par = train_router(moe, x, labels, steps=factor.router_steps, seed=factor.seed + layer)
+        par = train_router(moe, x, labels, steps=factor.router_steps, seed=factor.seed + layer)
         if stats is not None:
             stats.setdefault("par", []).append(par)
     if factor.refit:
@@ -111,6 +112,18 @@ def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer:
             stats.setdefault("refit", []).append(fit)
     moe.reset_stats()
     return moe.train(mlp.training)
+
+
+class _FitOnInput(nn.Module):
+    """Stands in for one layer's FFN during `fit_layer_by_layer`'s pass: `step(x)` fits the
+    replacement on the input it receives and returns the output the pass continues from."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.step(x)
 
 
 @torch.no_grad()
@@ -123,29 +136,29 @@ def fit_layer_by_layer(model: Transformer, tokens: torch.Tensor, fit, sequential
     then absorb part of the error of those below it); otherwise from the original FFN's output
     (every layer sees the dense model's inputs)."""
     bar = tqdm(total=len(model.layers), desc=desc, unit="layer")
-    handles = {}
+    originals = [layer.mlp for layer in model.layers]
 
-    def hook_for(i: int, layer):
-        def hook(ffn, args, out):
-            handles.pop(i).remove()  # the fitted module may be `ffn` itself: no recursion below
-            x = args[0]
+    def step_for(i: int, layer, ffn):
+        def step(x: torch.Tensor) -> torch.Tensor:
             new = fit(i, ffn, x.reshape(-1, x.shape[-1]))
             layer.mlp = new
             bar.update()
-            if sequential:
-                out = new(x).view_as(out)
-                if isinstance(new, MoEFFN):
-                    new.reset_stats()
+            if not sequential:
+                return ffn(x)
+            out = new(x)
+            if isinstance(new, MoEFFN):
+                new.reset_stats()
             return out
-        return hook
+        return step
 
     for i, layer in enumerate(model.layers):
-        handles[i] = layer.mlp.register_forward_hook(hook_for(i, layer))
+        layer.mlp = _FitOnInput(step_for(i, layer, layer.mlp))
     try:
         model.hidden_states(tokens)
     finally:
-        for h in handles.values():
-            h.remove()
+        for layer, ffn in zip(model.layers, originals):
+            if isinstance(layer.mlp, _FitOnInput):  # not reached (an error in the pass)
+                layer.mlp = ffn
         bar.close()
 
 

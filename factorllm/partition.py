@@ -10,24 +10,30 @@ def neuron_importance(acts: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 
 
 def balanced_assign(dist: torch.Tensor, size: int) -> torch.Tensor:
-    """Assign each point to a cluster with at most `size` points, greedily by distance.
+    """Assign each point to a cluster with at most `size` points, nearest first.
 
-    dist: [P, C] with P = C * size. Pairs are visited from the closest up; a point takes the
-    first cluster that still has room. Returns the cluster of each point, [P]."""
+    dist: [P, C] with P = C * size. In rounds: every unassigned point proposes to its nearest
+    cluster that still has room, and each cluster accepts its nearest proposers up to its room
+    (vectorized; a pair-by-pair greedy in Python cost ~40 ms per call, 15 calls per layer).
+    Returns the cluster of each point, [P]."""
     P, C = dist.shape
-    order = dist.flatten().argsort().tolist()
-    cluster = [-1] * P
-    room = [size] * C
-    left = P
-    for flat in order:
-        p, c = divmod(flat, C)
-        if cluster[p] < 0 and room[c]:
-            cluster[p] = c
-            room[c] -= 1
-            left -= 1
-            if not left:
-                break
-    return torch.tensor(cluster)
+    dev = dist.device
+    cluster = torch.full((P,), -1, dtype=torch.long, device=dev)
+    room = torch.full((C,), size, dtype=torch.long, device=dev)
+    free = torch.arange(P, device=dev)
+    while free.numel():
+        d = dist[free].masked_fill(room[None, :] == 0, float("inf"))
+        best_d, best = d.min(1)
+        order = best_d.argsort()
+        order = order[best[order].argsort(stable=True)]  # grouped by cluster, nearest first in each
+        target = best[order]
+        counts = torch.bincount(target, minlength=C)
+        rank = torch.arange(order.numel(), device=dev) - (counts.cumsum(0) - counts)[target]
+        take = rank < room[target]
+        cluster[free[order[take]]] = target[take]
+        room -= torch.bincount(target[take], minlength=C)
+        free = free[cluster[free] < 0]
+    return cluster
 
 
 def balanced_clusters(features: torch.Tensor, num_clusters: int, iters: int = 15, seed: int = 0) -> torch.Tensor:
@@ -36,8 +42,8 @@ def balanced_clusters(features: torch.Tensor, num_clusters: int, iters: int = 15
     Returns a [num_clusters, P / num_clusters] table of point indices (each point exactly once)."""
     P = features.shape[0]
     size = P // num_clusters
-    f = features.float().cpu()  # the greedy assignment runs on the CPU anyway
-    f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    f = features.float()
+    f = (f / f.norm(dim=1, keepdim=True).clamp_min(1e-8)).contiguous()  # rows are read 2x per iteration
     gen = torch.Generator().manual_seed(seed)
     centroids = f[torch.randperm(P, generator=gen)[:num_clusters]]
     assign = None
@@ -46,7 +52,7 @@ def balanced_clusters(features: torch.Tensor, num_clusters: int, iters: int = 15
         if assign is not None and torch.equal(new, assign):
             break
         assign = new
-        for c in range(num_clusters):
-            m = f[assign == c].mean(0)
-            centroids[c] = m / m.norm().clamp_min(1e-8)
-    return torch.stack([torch.nonzero(assign == c).flatten() for c in range(num_clusters)])
+        # every cluster has `size` points: the normalized sum is the spherical mean
+        sums = torch.zeros_like(centroids).index_add_(0, assign, f)
+        centroids = sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    return assign.argsort(stable=True).view(num_clusters, size)  # each cluster's points, ascending

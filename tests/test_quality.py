@@ -12,7 +12,8 @@ from factorllm.errors import SourceError
 from factorllm.evaluate import choice_loglikelihoods, mc_scores, perplexity, read_mc_items
 from factorllm.factor_config import FactorConfig
 from factorllm.factorize import capture_ffn_inputs, factorize_layer
-from factorllm.router_training import agreement, compute_labels, labels_from_outputs, train_router
+from factorllm.router_training import (agreement, balance_loss, compute_labels, label_distribution, labels_from_outputs,
+                                       loss_gradient, par_loss, train_router)
 
 
 # ---------------------------------------------------------------- labels
@@ -42,6 +43,17 @@ def test_agreement_is_recall_at_k():
 
 
 # ---------------------------------------------------------------- router learning on the real model
+
+def test_written_out_router_gradient_equals_autograd():
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(50, 6, generator=gen)).requires_grad_()
+    labels = torch.stack([torch.randperm(6, generator=gen)[:2] for _ in range(50)])  # K distinct experts
+    q = label_distribution(labels, 6)
+    (par_loss(logits, q) + 0.3 * balance_loss(logits, 2)).backward()
+    got = loss_gradient(logits.detach(), q, 2, 0.3)
+    assert torch.allclose(got, logits.grad, atol=1e-8, rtol=1e-4)
+    assert got.abs().max() > 1e-3  # a real gradient, not two zeros
+
 
 def test_router_learns_par_labels(default_model, sample_tokens):
     model = default_model.model
