@@ -2,13 +2,16 @@
 from the dense model itself so that factorizing needs no data set."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .device import resolve_dtype
 from .errors import SourceError
 from .kv_cache import CacheBatch, KVCache
+from .sampling import draw
 
 # Short, varied openings; the model writes the rest.
 SEED_PROMPTS = ["The", "In 1998,", "Once upon a time", "The results show that", "def main():",
@@ -45,8 +48,13 @@ def tokens_from_text(tokenizer, text: str, num_seqs: int, seq_len: int) -> torch
 @torch.no_grad()
 def sample_from_model(model, tokenizer, num_seqs: int, seq_len: int, seed: int = 0,
                       temperature: float = 1.0) -> torch.Tensor:
-    """`num_seqs` sequences of `seq_len` tokens sampled from the model (KV cache, one batch)."""
+    """`num_seqs` sequences of `seq_len` tokens sampled from the model (KV cache, one batch), in
+    the fastest dtype of its device (bf16 on CPUs with bf16 matmuls: 2x faster than fp32 here;
+    the model is copied for that and left as it is)."""
     device = model.lm_head.weight.device
+    dtype = resolve_dtype("auto", device)
+    if model.lm_head.weight.dtype != dtype:
+        model = copy.deepcopy(model).to(dtype)
     prompts = [tokenizer(SEED_PROMPTS[i % len(SEED_PROMPTS)], add_special_tokens=False)["input_ids"]
                for i in range(num_seqs)]
     width = max(map(len, prompts))
@@ -63,7 +71,8 @@ def sample_from_model(model, tokenizer, num_seqs: int, seq_len: int, seed: int =
         batch = CacheBatch.build(list(range(num_seqs)), starts, lengths, device)
         logits = model(tokens.to(device), cache=cache, batch=batch)
         last = logits[torch.arange(num_seqs), torch.tensor(lengths) - 1].float()
-        nxt = torch.multinomial((last / temperature).softmax(-1), 1, generator=gen).flatten().cpu()
+        u = torch.rand(num_seqs, generator=gen, device=device)
+        nxt = draw((last / temperature).softmax(-1), u).cpu()
         for s, t in zip(seqs, nxt.tolist()):
             s.append(t)
         pending = [nxt[i:i + 1] for i in range(num_seqs)]

@@ -38,7 +38,7 @@ def refit_down(moe: MoEFFN, x: torch.Tensor, dense_out: torch.Tensor, ridge: flo
     moe.collect_stats = collect
     T, N, E = x.shape[0], moe.num_experts, moe.expert_size
     coef = torch.zeros(T, N, dtype=x.dtype, device=x.device).scatter_(1, idx, 1.0 if weights is None else weights)
-    h = moe.act(torch.einsum("th,neh->tne", x, moe.experts_gate)) * torch.einsum("th,neh->tne", x, moe.experts_up)
+    h = moe.all_expert_hidden(x)
     feats = [(h * coef[:, :, None]).reshape(T, N * E)]
     w0 = [moe.experts_down.reshape(N * E, -1).T]
     if moe.shared is not None:

@@ -13,11 +13,13 @@ ROUTER_LABELS = ("paper", "greedy", "mass")
 
 # Recommended configurations (see docs/results.md): ~50% and ~25% of the FFN active. A large
 # always-on share with few routed experts and a dense first layer measured best at both fractions.
+# calib_seqs: as many self-generated windows as fit a ~2-minute CPU build (more text, better
+# refits: docs/results.md, session 8); `fast` has 26 experts to evaluate per token, so fewer.
 PRESETS = {
     "quality": dict(experts=10, shared_experts=6, top_k=2, dense_layers=1, partition="cluster",
-                    router_init="lstsq", router_label="greedy", refit=True),
+                    router_init="lstsq", router_label="greedy", refit=True, calib_seqs=32),
     "fast": dict(experts=26, shared_experts=6, top_k=2, dense_layers=1, partition="cluster",
-                 router_init="lstsq", router_label="greedy", refit=True),
+                 router_init="lstsq", router_label="greedy", refit=True, calib_seqs=24),
 }
 
 

@@ -83,6 +83,13 @@ class MoEFFN(nn.Module):
             self._gate_up = gu, (g.data_ptr(), u.data_ptr())
         return self._gate_up[0]
 
+    def all_expert_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Every routed expert's hidden activations on every token of x [T, H], [T, N, E], in one
+        matmul (fitting evaluates all experts; serving never does)."""
+        N, E, H = self.experts_down.shape
+        gu = F.linear(x, self.gate_up().reshape(N * 2 * E, H)).view(-1, N, 2, E)
+        return self.act(gu[:, :, 0]) * gu[:, :, 1]
+
     def pack(self, kernel: Callable[[torch.Tensor], Callable] | None) -> None:
         """Inference engines: run the masked path's two matmuls through `kernel(weight [out, in])`,
         a callable computing x @ weight.T (the engine's prepacked oneDNN bf16 linears, ~1.3-1.9x

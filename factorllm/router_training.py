@@ -24,7 +24,7 @@ from .factor_config import ROUTER_LABELS as LABELS
 
 def expert_outputs(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
     """Every routed expert's output for every token, [N, T, H] (what the router should predict)."""
-    return torch.stack([moe.expert_forward(e, x) for e in range(moe.num_experts)])
+    return torch.bmm(moe.all_expert_hidden(x).transpose(0, 1), moe.experts_down)
 
 
 def gate_scale(moe: MoEFFN) -> float:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from factorllm.sampling import draw
+
 
 @dataclass
 class SampleRow:
@@ -111,14 +113,6 @@ def _nucleus(probs: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tenso
     return probs * (before < torch.tensor(ps, device=device, dtype=probs.dtype)[:, None])
 
 
-def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Index of the first cdf entry reaching u * total. The target is > 0 so that the chosen
-    entry always has positive mass."""
-    cdf = probs.cumsum(-1)
-    target = (u.to(cdf.dtype) * cdf[:, -1]).clamp_min(1e-30)
-    return torch.searchsorted(cdf, target[:, None]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
-
-
 def _sample_candidates(logits, rows, idx, u, C):
     """Draws among each row's top-C tokens; `covered` says where that is exact: the row has a
     top_k <= C, or its top-C tokens hold at least top_p of the whole distribution."""
@@ -127,7 +121,7 @@ def _sample_candidates(logits, rows, idx, u, C):
     probs = (vals - sub.logsumexp(-1, keepdim=True)).exp()   # each candidate's share of the whole row
     ks, ps = [rows[i].top_k for i in idx], [rows[i].top_p for i in idx]
     covered = [(0 < k <= C) or mass >= p for k, p, mass in zip(ks, ps, probs.sum(-1).tolist())]
-    pick = _draw(_nucleus(probs, ks, ps), torch.stack([u[i] for i in idx]))
+    pick = draw(_nucleus(probs, ks, ps), torch.stack([u[i] for i in idx]))
     return order.gather(-1, pick[:, None]).squeeze(-1).tolist(), covered
 
 
@@ -136,9 +130,9 @@ def _sample_whole(logits, rows, idx, u, sort: bool) -> torch.Tensor:
     sub = _scaled(logits, rows, idx)
     us = torch.stack([u[i] for i in idx])
     if not sort:
-        return _draw(sub.softmax(-1), us)
+        return draw(sub.softmax(-1), us)
     vals, order = sub.sort(-1, descending=True)
-    pick = _draw(_nucleus(vals.softmax(-1), [rows[i].top_k for i in idx], [rows[i].top_p for i in idx]), us)
+    pick = draw(_nucleus(vals.softmax(-1), [rows[i].top_k for i in idx], [rows[i].top_p for i in idx]), us)
     return order.gather(-1, pick[:, None]).squeeze(-1)
 
 

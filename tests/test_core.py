@@ -13,7 +13,8 @@ from factorllm.checkpoint import save_checkpoint
 from factorllm.factor_config import FactorConfig
 from factorllm.factorize import choose_partition, factorize, moe_layers, neuron_activations
 from factorllm.loading import load_model, load_transformer, read_config
-from factorllm.partition import balanced_clusters
+from factorllm.calibration import sample_from_model
+from factorllm.partition import balanced_assign, balanced_clusters
 
 SLICE_LAYERS = 6
 
@@ -132,6 +133,22 @@ def test_balanced_clusters_equal_sizes_and_grouping():
     groups = balanced_clusters(torch.cat([a, b]), 2)
     assert groups.shape == (2, 10)
     assert sorted(sorted(g.tolist()) for g in groups) == [list(range(10)), list(range(10, 20))]
+
+
+def test_balanced_assignment_fills_nearest_first_within_capacity():
+    # Points 0-2 all prefer cluster 0, which has room for two: the two nearest (0, 1) stay, 2 moves.
+    dist = torch.tensor([[0.1, 0.9], [0.2, 0.8], [0.3, 0.5], [0.9, 0.1]])
+    assert balanced_assign(dist, 2).tolist() == [0, 0, 1, 1]
+
+
+def test_calibration_sampling_is_seeded_and_leaves_the_model_alone(dense_slice):
+    model = dense_slice.model
+    before = model.lm_head.weight.clone()
+    a = sample_from_model(model, dense_slice.tokenizer, 3, 12, seed=0)
+    assert a.shape == (3, 12) and 0 <= a.min() and a.max() < model.config.vocab_size
+    assert torch.equal(a, sample_from_model(model, dense_slice.tokenizer, 3, 12, seed=0))
+    assert not torch.equal(a, sample_from_model(model, dense_slice.tokenizer, 3, 12, seed=1))
+    assert model.lm_head.weight.dtype == torch.float32 and torch.equal(model.lm_head.weight, before)
 
 
 def test_save_load_round_trip(default_model, sample_tokens, tmp_path):

@@ -49,7 +49,7 @@ def add_factor_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="random seed for clustering, sampling and router init")
     g.add_argument("--calib", help="calibration text file (default: text sampled from the model itself)")
     g.add_argument("--calib-seqs", type=int,
-                   help="calibration windows of 256 tokens (default 16; 32 fit better and build ~1.8x slower)")
+                   help="calibration windows of 256 tokens (default 16; presets: quality 32, fast 24; more fit better, build slower)")
 
 
 def factor_overrides(args: argparse.Namespace) -> dict:
