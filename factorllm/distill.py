@@ -43,7 +43,7 @@ def refit_down(moe: MoEFFN, x: torch.Tensor, dense_out: torch.Tensor, ridge: flo
     w0 = [moe.experts_down.reshape(N * E, -1).T]
     if moe.shared is not None:
         s = moe.shared
-        feats.append(s.act(s.gate_proj(x)) * s.up_proj(x))
+        feats.append(s.hidden(x))
         w0.append(s.down_proj.weight)
     phi, w0, y = torch.cat(feats, 1).float(), torch.cat(w0, 1).float(), dense_out.float()  # [T, F], [H, F]
     gram, cross, yy = (phi.T @ phi).double(), (phi.T @ y).double(), y.double().square().sum()

@@ -41,11 +41,6 @@ def capture_ffn_inputs(model: Transformer, tokens: torch.Tensor) -> list[torch.T
     return captured
 
 
-def neuron_activations(mlp: GatedMLP, x: torch.Tensor) -> torch.Tensor:
-    """act(gate(x)) * up(x): each intermediate neuron's activation, [T, I]."""
-    return mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x)
-
-
 def choose_partition(mlp: GatedMLP, acts: torch.Tensor, factor: FactorConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the shared neurons and a [N, E] table of each routed expert's neurons, from the
     neuron activations [T, I] on calibration tokens (unused by the contiguous split)."""
@@ -85,7 +80,7 @@ def init_router(moe: MoEFFN, x: torch.Tensor, how: str, seed: int, norms: torch.
 def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer: int,
                     stats: dict | None = None) -> MoEFFN:
     """The MoE replacing `mlp`, built on its inputs x [T, H]; per-step statistics go to `stats`."""
-    acts = neuron_activations(mlp, x)  # [T, I], shared by the partition and the dense output
+    acts = mlp.hidden(x)  # [T, I], shared by the partition and the dense output
     shared, groups = choose_partition(mlp, acts, factor, factor.seed + layer)
     moe = MoEFFN(mlp.gate_proj.in_features, factor.expert_size, factor.experts, factor.layer_top_k(layer),
                  shared_size=shared.numel(), act=mlp.act_name, gate=factor.gate).to(x)

@@ -118,11 +118,16 @@ class GatedMLP(nn.Module):
         """One matmul for gate and up."""
         fuse_into(self, "gate_up_proj", ("gate_proj", "up_proj"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """act(gate(x)) * up(x): each intermediate neuron's activation, [..., I] (what factorizing
+        groups and refits)."""
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(self.act(gate) * up)
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            return self.act(gate) * up
+        return self.act(self.gate_proj(x)) * self.up_proj(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.hidden(x))
 
 
 def fuse_into(module: nn.Module, name: str, parts: tuple[str, ...]) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from factorllm.checkpoint import save_checkpoint
 from factorllm.factor_config import FactorConfig
-from factorllm.factorize import choose_partition, factorize, moe_layers, neuron_activations
+from factorllm.factorize import choose_partition, factorize, moe_layers
 from factorllm.loading import load_model, load_transformer, read_config
 from factorllm.calibration import sample_from_model
 from factorllm.partition import balanced_assign, balanced_clusters
@@ -119,7 +119,7 @@ def test_cluster_partition_is_a_balanced_permutation(dense_slice, sample_tokens,
     mlp = dense_slice.model.layers[2].mlp
     factor = FactorConfig(experts=16 - shared, top_k=2, partition="cluster", shared_experts=shared)
     factor.validate(mlp.gate_proj.out_features)
-    shared_idx, groups = choose_partition(mlp, neuron_activations(mlp, x), factor, seed=0)
+    shared_idx, groups = choose_partition(mlp, mlp.hidden(x), factor, seed=0)
     assert groups.shape == (16 - shared, 96) and shared_idx.numel() == 96 * shared
     everything = torch.cat([shared_idx, groups.flatten()])
     assert torch.equal(everything.sort().values, torch.arange(1536))
