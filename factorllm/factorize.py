@@ -93,16 +93,19 @@ def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer:
         moe.shared.up_proj.weight.copy_(u[shared])
         moe.shared.down_proj.weight.copy_(d[:, shared])
     dense_out = mlp.down_proj(acts)
+    # The experts' hidden activations are the dense ones regrouped (only the down refit changes
+    # weights, and it comes last): no second pass through gate and up.
+    hidden = acts[:, groups], (acts[:, shared] if moe.shared is not None else None)
     norms = labels = None
     if factor.router_init == "lstsq" or factor.router_label:
-        norms, labels = expert_output_stats(moe, x, dense_out, factor.router_label)
+        norms, labels = expert_output_stats(moe, x, dense_out, factor.router_label, hidden=hidden[0])
     init_router(moe, x, factor.router_init, factor.seed + layer, norms)
     if factor.router_label:
         par = train_router(moe, x, labels, steps=factor.router_steps, seed=factor.seed + layer)
         if stats is not None:
             stats.setdefault("par", []).append(par)
     if factor.refit:
-        fit = refit_down(moe, x, dense_out, factor.refit_ridge)
+        fit = refit_down(moe, x, dense_out, factor.refit_ridge, hidden)
         if stats is not None:
             stats.setdefault("refit", []).append(fit)
     moe.reset_stats()

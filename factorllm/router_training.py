@@ -22,9 +22,12 @@ from .moe import MoEFFN
 from .factor_config import ROUTER_LABELS as LABELS
 
 
-def expert_outputs(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
-    """Every routed expert's output for every token, [N, T, H] (what the router should predict)."""
-    return torch.bmm(moe.all_expert_hidden(x).transpose(0, 1), moe.experts_down)
+def expert_outputs(moe: MoEFFN, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Every routed expert's output for every token, [N, T, H] (what the router should predict);
+    `hidden`: the experts' hidden activations [T, N, E] if the caller has them."""
+    if hidden is None:
+        hidden = moe.all_expert_hidden(x)
+    return torch.bmm(hidden.transpose(0, 1), moe.experts_down)
 
 
 def gate_scale(moe: MoEFFN) -> float:
@@ -62,14 +65,14 @@ def labels_from_outputs(outs: torch.Tensor, target: torch.Tensor, k: int, how: s
 
 @torch.no_grad()
 def expert_output_stats(moe: MoEFFN, x: torch.Tensor, dense_out: torch.Tensor | None = None, how: str | None = None,
-                        chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        chunk: int = 1024, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One pass over every routed expert's output on inputs x [T, H], in chunks of tokens: the
     output norms [T, N] (the least-squares router init's target) and, given the dense FFN output
-    and a label rule, the label experts [T, K] (else None)."""
+    and a label rule, the label experts [T, K] (else None). `hidden` as in `expert_outputs`."""
     target = routed_target(moe, dense_out, x) if how else None
     norms, labels = [], []
     for s in range(0, x.shape[0], chunk):
-        outs = expert_outputs(moe, x[s:s + chunk])
+        outs = expert_outputs(moe, x[s:s + chunk], None if hidden is None else hidden[s:s + chunk])
         norms.append(outs.norm(dim=-1).T)
         if how:
             labels.append(labels_from_outputs(outs, target[s:s + chunk], moe.top_k, how, gate_scale(moe)))
