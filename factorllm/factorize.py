@@ -98,7 +98,7 @@ def factorize_layer(mlp: GatedMLP, x: torch.Tensor, factor: FactorConfig, layer:
     hidden = acts[:, groups], (acts[:, shared] if moe.shared is not None else None)
     norms = labels = None
     if factor.router_init == "lstsq" or factor.router_label:
-        norms, labels = expert_output_stats(moe, x, dense_out, factor.router_label, hidden=hidden[0])
+        norms, labels = expert_output_stats(moe, x, dense_out, factor.router_label, hidden=hidden)
     init_router(moe, x, factor.router_init, factor.seed + layer, norms)
     if factor.router_label:
         par = train_router(moe, x, labels, steps=factor.router_steps, seed=factor.seed + layer)

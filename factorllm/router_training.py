@@ -34,9 +34,14 @@ def gate_scale(moe: MoEFFN) -> float:
     return moe.num_experts / moe.top_k if moe.gate == "scaled" else 1.0
 
 
-def routed_target(moe: MoEFFN, dense_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """What the routed experts must reproduce: the dense output minus the shared experts'."""
-    return dense_out - moe.shared(x) if moe.shared is not None else dense_out
+def routed_target(moe: MoEFFN, dense_out: torch.Tensor, x: torch.Tensor,
+                  shared_hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """What the routed experts must reproduce: the dense output minus the shared experts' (from
+    their hidden activations `shared_hidden` [T, shared] if the caller has them)."""
+    if moe.shared is None:
+        return dense_out
+    shared = moe.shared(x) if shared_hidden is None else moe.shared.down_proj(shared_hidden)
+    return dense_out - shared
 
 
 def labels_from_outputs(outs: torch.Tensor, target: torch.Tensor, k: int, how: str, scale: float = 1.0) -> torch.Tensor:
@@ -65,14 +70,17 @@ def labels_from_outputs(outs: torch.Tensor, target: torch.Tensor, k: int, how: s
 
 @torch.no_grad()
 def expert_output_stats(moe: MoEFFN, x: torch.Tensor, dense_out: torch.Tensor | None = None, how: str | None = None,
-                        chunk: int = 1024, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        chunk: int = 1024, hidden: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One pass over every routed expert's output on inputs x [T, H], in chunks of tokens: the
     output norms [T, N] (the least-squares router init's target) and, given the dense FFN output
-    and a label rule, the label experts [T, K] (else None). `hidden` as in `expert_outputs`."""
-    target = routed_target(moe, dense_out, x) if how else None
+    and a label rule, the label experts [T, K] (else None). `hidden`: the routed and shared
+    experts' hidden activations ([T, N, E], [T, shared]) if the caller has them."""
+    routed_hidden, shared_hidden = hidden or (None, None)
+    target = routed_target(moe, dense_out, x, shared_hidden) if how else None
     norms, labels = [], []
     for s in range(0, x.shape[0], chunk):
-        outs = expert_outputs(moe, x[s:s + chunk], None if hidden is None else hidden[s:s + chunk])
+        outs = expert_outputs(moe, x[s:s + chunk], None if routed_hidden is None else routed_hidden[s:s + chunk])
         norms.append(outs.norm(dim=-1).T)
         if how:
             labels.append(labels_from_outputs(outs, target[s:s + chunk], moe.top_k, how, gate_scale(moe)))
