@@ -1,10 +1,11 @@
 """Where a decode step's time goes: torch profiler over engine decode steps, grouped by op.
 
-    python benchmarks/decode_profile.py [--batch 1 16] [--preset fast] [--threads 2]
+    python benchmarks/decode_profile.py [--batch 1 16] [--preset fast] [--threads 2] [--shapes]
 
 Builds the engine's model (fused projections, prepacked bf16 linears on CPU), fills B cache rows
-to --context positions, times --steps decode steps (median) and profiles them; prints, per batch
-size, the step time and the ops with the most self time, and writes JSON.
+(of --max-model-len positions, as the server allocates them) to --context positions, times --steps
+decode steps (median) and profiles them; prints, per batch size, the step time and the ops with
+the most self time (with --shapes: per op and input shapes), and writes JSON.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def step_times(engine: Engine, tokens: torch.Tensor, context: int, steps: int) -
 
 
 @torch.inference_mode()
-def profile_batch(engine: Engine, B: int, context: int, steps: int, top: int) -> dict:
+def profile_batch(engine: Engine, B: int, context: int, steps: int, top: int, shapes: bool = False) -> dict:
     tokens = (torch.arange(B, device=engine.device)[:, None] * 7 + 5)
     # Main thread and a fresh thread in turns: while the main thread owns an OpenMP team (it loaded
     # the model), a fresh thread's steps run slower (see factorllm.device.off_main_thread).
@@ -55,13 +56,15 @@ def profile_batch(engine: Engine, B: int, context: int, steps: int, top: int) ->
     for _ in range(3):
         main += step_times(engine, tokens, context, steps)
         other += off_main_thread(lambda: step_times(engine, tokens, context, steps))
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
         for _ in range(steps):
             decode_step(engine, tokens, context)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    events = sorted(prof.key_averages(group_by_input_shape=shapes), key=lambda e: e.self_cpu_time_total,
+                    reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1
-    ops = [{"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": e.self_cpu_time_total / 1000 / steps,
-            "share": e.self_cpu_time_total / total} for e in events[:top]]
+    ops = [{"op": f"{e.key} {e.input_shapes}" if shapes else e.key, "calls_per_step": e.count / steps,
+            "ms_per_step": e.self_cpu_time_total / 1000 / steps, "share": e.self_cpu_time_total / total}
+           for e in events[:top]]
     return {"batch": B, "step_ms_median": statistics.median(main) * 1000,
             "step_ms_median_other_thread": statistics.median(other) * 1000,
             "ops_per_step": sum(e.count for e in events) / steps, "top_ops": ops}
@@ -73,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=("quality", "fast"), help="profile a factorized preset instead of dense")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--context", type=int, default=100, help="cached positions per row")
+    p.add_argument("--max-model-len", type=int, default=2048, help="positions per cache row (the server's default)")
+    p.add_argument("--shapes", action="store_true", help="one line per op and input shapes")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--dtype", default="auto")
@@ -83,10 +88,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     loaded = (cached_factorized(args.model, factor_config_from(args.preset)) if args.preset
               else load_model(args.model))
-    engine = Engine(loaded, EngineConfig(max_num_seqs=max(args.batch), max_model_len=args.context + 16,
-                                         dtype=args.dtype))
+    engine = Engine(loaded, EngineConfig(max_num_seqs=max(args.batch), dtype=args.dtype,
+                                         max_model_len=max(args.max_model_len, args.context + 16)))
     engine.warm_up()  # MoE dispatch tuning, as the server's start-up does
-    rows = [profile_batch(engine, B, args.context, args.steps, args.top) for B in args.batch]
+    rows = [profile_batch(engine, B, args.context, args.steps, args.top, args.shapes) for B in args.batch]
     for r in rows:
         print(f"\nB = {r['batch']}: {r['step_ms_median']:.1f} ms per step (median of {3 * args.steps}; "
               f"{r['step_ms_median_other_thread']:.1f} ms on a fresh thread), "

@@ -437,11 +437,13 @@ def test_decode_profile_benchmark_runs(tmp_path):
     """benchmarks/decode_profile.py on the real model: step times and the op table, as JSON."""
     mod = benchmark("decode_profile")
     out = tmp_path / "profile.json"
-    assert mod.main(["--batch", "1", "3", "--steps", "2", "--context", "20", "--dtype", "float32",
-                     "--out", str(out)]) == 0
+    assert mod.main(["--batch", "1", "3", "--steps", "2", "--context", "20", "--max-model-len", "64",
+                     "--dtype", "float32", "--shapes", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 3] and all(r["step_ms_median"] > 0 for r in rows)
     assert any("linear" in o["op"] or "addmm" in o["op"] or "mm" in o["op"] for o in rows[0]["top_ops"])
+    # --shapes: the rows' input shapes name the batch (3 rows of the 576-wide hidden state)
+    assert any("[3, 576]" in o["op"] or "[3, 1, 576]" in o["op"] for o in rows[1]["top_ops"])
 
 
 def test_sampler_benchmark_runs(tmp_path):
