@@ -68,7 +68,7 @@ def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: 
             prepack_bf16_linears(dense, 64)
             prepack_bf16_linears(moe, 64)
         moe.tune_dispatch()
-        paths = list(PATHS)
+        paths = list(moe.available_paths)
         for t in sorted(tokens):
             x = torch.randn(t, hidden, dtype=dtype)
             _, idx, w = moe.route(x)

@@ -29,7 +29,8 @@ from .model import GatedMLP, activation
 
 GATES = ("sum", "scaled", "weighted")
 # Ways to run the experts on a batch (methods of MoEFFN); `tune_dispatch` picks one per batch size.
-DISPATCH_PATHS = ("grouped", "looped", "padded", "masked", "gathered")
+# "kernels" needs the per-expert kernels that `pack` builds (see available_paths).
+DISPATCH_PATHS = ("grouped", "looped", "padded", "masked", "gathered", "kernels")
 
 
 class MoEFFN(nn.Module):
@@ -57,6 +58,7 @@ class MoEFFN(nn.Module):
         self.record_routing = False
         self._gate_up: tuple[torch.Tensor, tuple[int, int]] | None = None  # see gate_up
         self.packed: tuple[Callable, Callable, int] | None = None  # see pack
+        self.expert_kernels: list[tuple[Callable, Callable]] | None = None  # see pack
         self.shared_packed = False
         self.last_idx: torch.Tensor | None = None
         self.last_entropy: torch.Tensor | None = None  # per token, when stats are collected
@@ -95,13 +97,18 @@ class MoEFFN(nn.Module):
         a callable computing x @ weight.T (the engine's prepacked oneDNN bf16 linears, ~1.3-1.9x
         faster than plain bf16 matmuls at decode sizes); None goes back to plain matmuls. Shared
         neurons that form whole expert-sized groups join as always-on experts, so that the masked
-        path is one matmul pair, the dense FFN's. The kernels hold their own copy of the weights:
-        pack again after changing them."""
-        self.packed, self.shared_packed = None, False
+        path is one matmul pair, the dense FFN's. Each routed expert also gets its own kernel pair,
+        for the `kernels` path (`tune_dispatch` lets them go if no batch size takes it). The kernels
+        hold their own copy of the weights: pack again after changing them."""
+        self.packed, self.shared_packed, self.expert_kernels = None, False, None
         if kernel is None:
             return
         N, E, H = self.experts_down.shape
         with torch.no_grad():
+            if not self.keeps_every_expert:
+                gu = self.gate_up()
+                self.expert_kernels = [(kernel(gu[e]), kernel(self.experts_down[e].t().contiguous()))
+                                       for e in range(N)]
             gates = [self.experts_gate.reshape(N * E, H)]
             ups = [self.experts_up.reshape(N * E, H)]
             down = [self.experts_down.reshape(N * E, H)]
@@ -192,12 +199,19 @@ class MoEFFN(nn.Module):
         work, and `masked` does it as the dense FFN does, one matmul pair; nothing to tune."""
         return self.top_k == self.num_experts
 
+    def use_plan(self, plan: list[tuple[int, str]]) -> None:
+        """Serve with `plan` (tune_dispatch's, or that of a layer of the same shape) and let the
+        per-expert kernels' weight copies go if it never takes them."""
+        self.dispatch_plan = plan
+        if all(path != "kernels" for _, path in plan):
+            self.expert_kernels = None
+
     def path_for(self, tokens: int) -> str:
         if self.keeps_every_expert:
             return "masked"
         for max_tokens, path in self.dispatch_plan:
             if tokens <= max_tokens:
-                return path
+                return path if path in self.available_paths else "masked"  # unpacked since
         return "grouped"
 
     def expert_forward(self, e: int, x: torch.Tensor, w: torch.Tensor | None = None,
@@ -302,6 +316,28 @@ class MoEFFN(nn.Module):
             h = h * weights[..., None]
         return torch.bmm(h.view(T, 1, K * E), self.experts_down[idx].view(T, K * E, H)).view(T, H)
 
+    def kernels(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Each token's chosen experts through their own prepacked kernels (see pack): only those
+        experts' weights are read, by the engine's fastest matmul, for decoding one or two
+        sequences, where `masked` reads every expert and `gathered` copies the chosen ones first.
+        Costs two kernel calls per (token, expert) pair."""
+        rows = []
+        for t, experts in enumerate(idx.tolist()):
+            xt, y = x[t:t + 1], None
+            for j, e in enumerate(experts):
+                gate_up, down = self.expert_kernels[e]
+                g, u = gate_up(xt).chunk(2, -1)
+                h = self.act(g) * u
+                if weights is not None:
+                    h = h * weights[t, j]
+                y = down(h) if y is None else y + down(h)
+            rows.append(y)
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+    @property
+    def available_paths(self) -> tuple[str, ...]:
+        return tuple(p for p in DISPATCH_PATHS if p != "kernels" or self.expert_kernels)
+
     def masked(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """Run every expert on every token and zero the unchosen ones: the dense FFN's cost, for
         small batches whose tokens touch most experts anyway (decode), where it beats grouping."""
@@ -332,7 +368,7 @@ class MoEFFN(nn.Module):
             self.dispatch_plan = []
             return []
         p = self.experts_gate
-        plan, paths = [], list(DISPATCH_PATHS)
+        plan, paths = [], list(self.available_paths)
         for n in candidates:
             x = torch.randn(n, p.shape[-1], dtype=p.dtype, device=p.device)
             _, idx, w = self.route(x)

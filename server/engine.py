@@ -368,7 +368,7 @@ class Engine:
             key = (m.num_experts, m.top_k, m.expert_size)
             if key not in tuned:
                 tuned[key] = m.tune_dispatch()
-            m.dispatch_plan = tuned[key]
+            m.use_plan(tuned[key])
         chunk = min(self.config.max_num_batched_tokens, self.max_model_len)
         B, last = self.max_num_seqs, self.max_model_len - 1
         for _ in range(2):

@@ -297,7 +297,6 @@ def test_factorize_command_writes_a_loadable_checkpoint(tmp_path, default_model)
 def test_dispatch_paths_agree(default_model, tokens):
     """Every dispatch path computes the same layer output; the plan picks one."""
     from factorllm.factorize import factorize_layer
-    from factorllm.moe import DISPATCH_PATHS
     dense = default_model.model.layers[3].mlp
     factor = FactorConfig(experts=8, top_k=3, partition="contiguous", router_init="random", gate="weighted")
     factor.validate(dense.gate_proj.out_features)
@@ -305,7 +304,7 @@ def test_dispatch_paths_agree(default_model, tokens):
     x = torch.randn(tokens, 576, generator=torch.Generator().manual_seed(tokens))
     with torch.no_grad():
         _, idx, w = moe.route(x)
-        outs = [getattr(moe, p)(x, idx, w) for p in DISPATCH_PATHS]
+        outs = [getattr(moe, p)(x, idx, w) for p in moe.available_paths]
         plan = moe.tune_dispatch(candidates=(1, 8), repeats=2)
         assert [n for n, _ in plan] == [1, 8] and moe.path_for(100) == "grouped"
         outs.append(moe(x))

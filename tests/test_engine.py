@@ -360,8 +360,8 @@ def test_detokenizer_holds_back_partial_stop_strings(default_model):
 
 @pytest.mark.parametrize("gate", ["sum", "weighted"])
 def test_packed_masked_path_matches_plain(default_model, gate):
-    """The engine's prepacked bf16 masked path, shared groups folded in as always-on experts,
-    computes the layer the plain paths compute."""
+    """The engine's prepacked bf16 paths (masked, shared groups folded in as always-on experts;
+    each chosen expert through its own kernels) compute the layer the plain paths compute."""
     from factorllm.factor_config import FactorConfig
     from factorllm.factorize import factorize_layer
     from server.engine import prepacked
@@ -379,6 +379,12 @@ def test_packed_masked_path_matches_plain(default_model, gate):
         moe.pack(lambda weight: prepacked(weight, 16))
         assert moe.shared_packed
         outs["packed masked"] = moe.run_path("masked", x, idx, w)
+        outs["kernels"] = moe.run_path("kernels", x, idx, w)
+        one = [moe.run_path("kernels", x[t:t + 1], idx[t:t + 1], None if w is None else w[t:t + 1])
+               for t in range(len(x))]
+        outs["kernels, one token at a time"] = torch.cat(one)
+        moe.use_plan([(1, "masked")])
+        assert moe.expert_kernels is None and "kernels" not in moe.available_paths
         moe.pack(None)
         outs["masked"] = moe.run_path("masked", x, idx, w)
     for name, out in outs.items():  # bf16 rounding only: ~0.5% relative error
