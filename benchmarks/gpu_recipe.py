@@ -36,6 +36,10 @@ CONFIGS = {
                      router_label="paper", sequential=False),
     "quality": PRESETS["quality"],
     "fast": PRESETS["fast"],
+    # 50% active as `quality`, in 128 groups of 12 neurons: slower to build, better after distillation
+    # (docs/results.md, session 11).
+    "fine-50": dict(experts=80, shared_experts=48, top_k=16, dense_layers=1, partition="cluster",
+                    router_init="lstsq", router_label="greedy", refit=True),
 }
 
 
