@@ -101,7 +101,8 @@ class MoEFFN(nn.Module):
         for the `kernels` path (`use_plan` lets them go if the plan never takes it). The kernels
         hold their own copy of the weights: pack again after changing them."""
         self.packed, self.shared_packed, self.expert_kernels = None, False, None
-        if kernel is None:
+        if kernel is None:  # a tuned plan's `kernels` entries fall back to `masked`
+            self.dispatch_plan = [(n, "masked" if p == "kernels" else p) for n, p in self.dispatch_plan]
             return
         N, E, H = self.experts_down.shape
         with torch.no_grad():
@@ -214,7 +215,7 @@ class MoEFFN(nn.Module):
             return "masked"
         for max_tokens, path in self.dispatch_plan:
             if tokens <= max_tokens:
-                return path if path in self.available_paths else "masked"  # pack(None) after tuning
+                return path
         return "grouped"
 
     def expert_forward(self, e: int, x: torch.Tensor, w: torch.Tensor | None = None,
