@@ -210,6 +210,13 @@ class MoEFFN(nn.Module):
         if all(path != "kernels" for _, path in plan):
             self.expert_kernels = None
 
+    def set_top_k(self, top_k: int) -> None:
+        """Route each token to `top_k` experts from now on (the weights stay as built). The
+        dispatch plan and per-expert kernels depend on K: tune and pack again afterwards."""
+        if not 1 <= top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in [1, {self.num_experts}], got {top_k}")
+        self.top_k, self.dispatch_plan = top_k, []
+
     def path_for(self, tokens: int) -> str:
         if self.keeps_every_expert:
             return "masked"

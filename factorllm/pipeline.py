@@ -1,6 +1,7 @@
 """From a model source and a factorization recipe to a loaded factorized model, with caching."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -9,9 +10,10 @@ from pathlib import Path
 
 from .calibration import calibration_tokens
 from .checkpoint import save_checkpoint
-from .errors import SourceError
+from .errors import SourceError, UsageError
 from .factor_config import CHECKPOINT_FORMAT, PRESETS, FactorConfig
 from .factorize import factorize
+from .moe import MoEFFN
 from .loading import LoadedModel, cache_dir, load_model, resolve_dense_dir
 
 log = logging.getLogger(__name__)
@@ -61,3 +63,27 @@ def cached_factorized(source: str | None, factor: FactorConfig, calib_file: str 
         save_checkpoint(loaded, factor, out)
         log.info("saved factorized checkpoint to %s", out)
     return load_model(str(out))
+
+
+def with_top_k(loaded: LoadedModel, top_k: int | None = None, top_k_per_layer: list[int] | None = None) -> LoadedModel:
+    """Route a factorized model's tokens to a different number of experts than it was built with
+    (as llama.cpp lets Mixtral users change its experts per token): one checkpoint, several
+    speed/quality points, no rebuild. `top_k` is the new mean K, spread over the layers as at
+    build time (its dense first layers stay dense, see FactorConfig.resolve_layer_top_k);
+    `top_k_per_layer` gives every layer's K. The refit down projections were fit for the built K,
+    so a checkpoint built for K measures a little better than one rerouted to it."""
+    if top_k is None and top_k_per_layer is None:
+        return loaded
+    if loaded.factor is None:
+        raise UsageError(f"{loaded.source} is not factorized: --top-k reroutes factorized checkpoints only")
+    built, cfg = loaded.factor, loaded.model.config
+    mean_k = top_k if top_k is not None else round(sum(top_k_per_layer) / len(top_k_per_layer))
+    factor = dataclasses.replace(built, top_k=mean_k, top_k_per_layer=top_k_per_layer,
+                                 trained=dict(built.trained, rerouted_from=built.top_k_per_layer or built.top_k))
+    factor.validate(cfg.intermediate_size, cfg.num_hidden_layers)
+    for i, layer in enumerate(loaded.model.layers):
+        if isinstance(layer.mlp, MoEFFN):
+            layer.mlp.set_top_k(factor.layer_top_k(i))
+    loaded.factor = factor
+    loaded.name = f"{loaded.name}-k{mean_k}"
+    return loaded

@@ -356,3 +356,50 @@ def test_moe_stats_reset_under_inference_mode_stay_usable_outside():
     with torch.no_grad():
         m(torch.randn(3, 16))
     assert m.token_counts.sum().item() == 2 * 3 * 2
+
+
+def test_rerouting_a_checkpoint_to_another_k(default_model, sample_tokens, tmp_path, capsys):
+    """One checkpoint, other experts per token (`--top-k` on eval and serve): K = N gives the dense
+    logits back, the build's dense layers stay dense, bad K and dense sources are refused."""
+    from factorllm.cli import main
+    from factorllm.errors import UsageError
+    from factorllm.pipeline import with_top_k
+    from server.cli import load_for_serving
+    from server.settings import ServerSettings
+
+    loaded = copy.copy(default_model)
+    loaded.model = copy.deepcopy(default_model.model)
+    factor = FactorConfig(experts=8, top_k=2, partition="contiguous", router_init="random", dense_layers=2)
+    factorize(loaded.model, factor, None)
+    ckpt = str(save_checkpoint(loaded, factor, tmp_path / "ckpt"))
+    with torch.no_grad():
+        built = loaded.model(sample_tokens)
+
+        every = with_top_k(load_model(ckpt), top_k=8)
+        assert every.factor.top_k_per_layer == [8] * 30 and every.factor.active_ffn_fraction(30) == 1.0
+        assert every.name.endswith("-k8") and every.factor.trained["rerouted_from"] == factor.top_k_per_layer
+        assert (every.model(sample_tokens) - default_model.model(sample_tokens)).abs().max().item() <= 1e-3
+
+        three = with_top_k(load_model(ckpt), top_k=3)
+        ks = [m.top_k for m in moe_layers(three.model)]
+        assert ks[:2] == [8, 8] and sum(ks) == 3 * 30 and ks == three.factor.top_k_per_layer
+        assert (three.model(sample_tokens) - built).abs().max().item() > 1e-2
+
+    with pytest.raises(UsageError, match="1 <= K <= N"):
+        with_top_k(load_model(ckpt), top_k=9)
+    with pytest.raises(UsageError, match="not factorized"):
+        with_top_k(default_model, top_k=2)
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", ckpt, "--top-k", "8", "--ppl", str(text), "--window", "32", "--no-speed",
+                 "--baseline", "default", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["active_ffn_fraction"] == 1.0 and r["ppl"] == pytest.approx(r["baseline"]["ppl"], rel=1e-4)
+    capsys.readouterr()
+
+    served = load_for_serving(ServerSettings(model=ckpt, top_k_per_layer=[8] * 2 + [1] * 28))
+    assert [m.top_k for m in moe_layers(served.model)] == [8, 8] + [1] * 28
+    with pytest.raises(UsageError, match="already factorized"):
+        load_for_serving(ServerSettings(model=ckpt, experts=4, top_k=2))

@@ -10,7 +10,8 @@ import torch
 from ..errors import UsageError
 from ..evaluate import compare, evaluate
 from ..loading import load_model
-from .common import add_model_argument
+from ..pipeline import with_top_k
+from .common import add_model_argument, int_list
 
 HELP = "measure perplexity, multiple-choice accuracy, FLOPs per token and speed (optionally vs a baseline)"
 
@@ -33,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=256, help="perplexity window in tokens (default 256)")
     p.add_argument("--stride", type=int, help="perplexity stride in tokens (default: the window)")
     p.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
+    p.add_argument("--top-k", type=int, help="a factorized --model: route each token to K experts (mean over layers) "
+                                          "instead of the K it was built with")
+    p.add_argument("--top-k-per-layer", type=int_list, metavar="K0,K1,...", help="... or to these K, one per layer")
     p.add_argument("--baseline", metavar="SRC", help="also evaluate this model (e.g. the dense one) and print ratios")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     opts = dict(ppl_file=args.ppl, mc_file=args.mc, limit=args.limit, window=args.window, stride=args.stride,
                 ppl_tokens=args.ppl_tokens, speed=not args.no_speed)
-    result = evaluate(load_model(args.model), **opts)
+    result = evaluate(with_top_k(load_model(args.model), args.top_k, args.top_k_per_layer), **opts)
     base = evaluate(load_model(args.baseline), **opts) if args.baseline else None
     cols = [result] + ([base] if base else [])
     lines = ["| metric | " + " | ".join(r["model"] for r in cols) + " |", "|---|" + "---:|" * len(cols)]
