@@ -1,7 +1,7 @@
 """How a model was factorized: the `factorllm` section of a factorized checkpoint's config.json."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import UsageError
 
@@ -87,6 +87,14 @@ class FactorConfig:
                     excess -= 1
         self.top_k_per_layer = ks
         return self
+
+    def rerouted(self, top_k: int | None, top_k_per_layer: list[int] | None, num_layers: int) -> "FactorConfig":
+        """This recipe routing to another number of experts per token: `top_k` as the new mean,
+        spread over the layers as at build time (resolve_layer_top_k), or `top_k_per_layer`."""
+        mean_k = top_k if top_k is not None else round(sum(top_k_per_layer) / len(top_k_per_layer))
+        new = replace(self, top_k=mean_k, top_k_per_layer=top_k_per_layer,
+                      trained=dict(self.trained, rerouted_from=self.top_k_per_layer or self.top_k))
+        return new.validate(self.intermediate_size, num_layers)
 
     def layer_top_k(self, layer: int) -> int:
         return self.top_k_per_layer[layer] if self.top_k_per_layer else self.top_k

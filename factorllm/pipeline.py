@@ -1,7 +1,6 @@
 """From a model source and a factorization recipe to a loaded factorized model, with caching."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -70,20 +69,16 @@ def with_top_k(loaded: LoadedModel, top_k: int | None = None, top_k_per_layer: l
     (as llama.cpp lets Mixtral users change its experts per token): one checkpoint, several
     speed/quality points, no rebuild. `top_k` is the new mean K, spread over the layers as at
     build time (its dense first layers stay dense, see FactorConfig.resolve_layer_top_k);
-    `top_k_per_layer` gives every layer's K. The refit down projections were fit for the built K,
-    so a checkpoint built for K measures a little better than one rerouted to it."""
+    `top_k_per_layer` gives every layer's K. A refit checkpoint's down projections stay fit for the
+    built K: with every expert on, the presets are 1.14x and 1.30x of dense perplexity, not 1x."""
     if top_k is None and top_k_per_layer is None:
         return loaded
     if loaded.factor is None:
         raise UsageError(f"{loaded.source} is not factorized: --top-k reroutes factorized checkpoints only")
-    built, cfg = loaded.factor, loaded.model.config
-    mean_k = top_k if top_k is not None else round(sum(top_k_per_layer) / len(top_k_per_layer))
-    factor = dataclasses.replace(built, top_k=mean_k, top_k_per_layer=top_k_per_layer,
-                                 trained=dict(built.trained, rerouted_from=built.top_k_per_layer or built.top_k))
-    factor.validate(cfg.intermediate_size, cfg.num_hidden_layers)
+    factor = loaded.factor.rerouted(top_k, top_k_per_layer, loaded.model.config.num_hidden_layers)
     for i, layer in enumerate(loaded.model.layers):
         if isinstance(layer.mlp, MoEFFN):
             layer.mlp.set_top_k(factor.layer_top_k(i))
     loaded.factor = factor
-    loaded.name = f"{loaded.name}-k{mean_k}"
+    loaded.name = f"{loaded.name}-k{factor.top_k}"
     return loaded

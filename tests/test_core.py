@@ -399,6 +399,11 @@ def test_rerouting_a_checkpoint_to_another_k(default_model, sample_tokens, tmp_p
     assert r["active_ffn_fraction"] == 1.0 and r["ppl"] == pytest.approx(r["baseline"]["ppl"], rel=1e-4)
     capsys.readouterr()
 
+    info = run_cli("info", "--model", ckpt, "--top-k", "8", "--json")
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["active_ffn_fraction"] == 1.0
+    assert_clean_error(run_cli("info", "--model", ckpt, "--experts", "4"), "already factorized")
+
     served = load_for_serving(ServerSettings(model=ckpt, top_k_per_layer=[8] * 2 + [1] * 28))
     assert [m.top_k for m in moe_layers(served.model)] == [8, 8] + [1] * 28
     with pytest.raises(UsageError, match="already factorized"):

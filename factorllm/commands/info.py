@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import UsageError
 from ..info import format_summary, model_summary
 from ..loading import read_config, resolve_dense_dir
 from ..factor_config import FactorConfig
@@ -27,6 +28,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = ModelConfig.from_hf(hf)
     if "factorllm" in hf:
         factor = FactorConfig.from_dict(hf["factorllm"])
+        reroute = (args.top_k, args.top_k_per_layer)
+        if any(v is not None for k, v in factor_overrides(args).items() if k not in ("top_k", "top_k_per_layer")) \
+                or args.preset:
+            raise UsageError(f"{args.model} is already factorized: of the factorization flags only --top-k and "
+                             "--top-k-per-layer apply (they reroute it)")
+        if reroute != (None, None):
+            factor = factor.rerouted(*reroute, cfg.num_hidden_layers)
     elif args.preset or args.experts:
         # A what-if for a dense model: the accounting needs no factorization run.
         factor = factor_config_from(args.preset, **factor_overrides(args)).validate(
