@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from factorllm.evaluate import perplexity, text_tokens  # noqa: E402
 from factorllm.loading import load_model  # noqa: E402
 from factorllm.moe import MoEFFN  # noqa: E402
-from factorllm.pipeline import cached_factorized, factor_config_from  # noqa: E402
 from factorllm.router_training import expert_output_stats  # noqa: E402
+from student import add_student_arguments, load_student  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -64,18 +64,12 @@ def measure(student, teacher, tokens: torch.Tensor, use_oracle: bool) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a factorized checkpoint directory")
-    src.add_argument("--preset", choices=("quality", "fast"), help="the preset's cached build of --base")
-    p.add_argument("--base", default="default", help="the dense model a --preset is built from")
+    add_student_arguments(p)
     p.add_argument("--ppl", default=str(DATA / "wikitext2-valid.tokens.txt"))
     p.add_argument("--ppl-tokens", type=int, default=4096)
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/router_headroom.json"))
     args = p.parse_args(argv)
-    student = (load_model(args.model) if args.model
-               else cached_factorized(args.base, factor_config_from(args.preset)))
-    if student.factor is None:
-        p.error(f"{args.model} is not a factorized checkpoint")
+    student = load_student(p, args)
     teacher = load_model(student.factor.base)
     tokens = text_tokens(student.tokenizer, Path(args.ppl).read_text(), args.ppl_tokens)
     dense = perplexity(teacher.model, tokens)["ppl"]

@@ -27,8 +27,9 @@ from decode_profile import step_times  # noqa: E402
 from factorllm.evaluate import perplexity, text_tokens  # noqa: E402
 from factorllm.info import model_summary  # noqa: E402
 from factorllm.loading import load_model  # noqa: E402
-from factorllm.pipeline import cached_factorized, factor_config_from, with_top_k  # noqa: E402
+from factorllm.pipeline import with_top_k  # noqa: E402
 from server.engine import Engine, EngineConfig  # noqa: E402
+from student import add_student_arguments, load_student  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -80,10 +81,7 @@ def plot(rows: list[dict], batches: list[int], path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a factorized checkpoint directory")
-    src.add_argument("--preset", choices=("quality", "fast"), help="the preset's cached build of --base")
-    p.add_argument("--base", default="default", help="the dense model a --preset is built from")
+    add_student_arguments(p)
     p.add_argument("--top-k", type=int, nargs="+", required=True, help="mean experts per token to measure")
     p.add_argument("--ppl", default=str(DATA / "wikitext2-valid.tokens.txt"))
     p.add_argument("--ppl-tokens", type=int, default=4096)
@@ -97,12 +95,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    def student():
-        return (load_model(args.model) if args.model
-                else cached_factorized(args.base, factor_config_from(args.preset)))
-    first = student()
-    if first.factor is None:
-        p.error(f"{args.model} is not factorized")
+    first = load_student(p, args)
     name, built = (f"{args.preset} preset" if args.preset else first.name), first.factor
     teacher = load_model(built.base)
     tokens = text_tokens(teacher.tokenizer, Path(args.ppl).read_text(), args.ppl_tokens)
@@ -112,7 +105,7 @@ def main(argv=None) -> int:
     dense = engine_for(teacher, args.batch)
     rows = []
     for k in args.top_k:
-        loaded = with_top_k(first if k == args.top_k[0] else student(), top_k=k)
+        loaded = with_top_k(first if k == args.top_k[0] else load_student(p, args), top_k=k)
         with torch.no_grad():
             ppl = perplexity(loaded.model, tokens)["ppl"]
         summary = model_summary(loaded.model.config, loaded.factor)

@@ -12,8 +12,8 @@ from .checkpoint import save_checkpoint
 from .errors import SourceError, UsageError
 from .factor_config import CHECKPOINT_FORMAT, PRESETS, FactorConfig
 from .factorize import factorize
-from .moe import MoEFFN
 from .loading import LoadedModel, cache_dir, load_model, resolve_dense_dir
+from .moe import MoEFFN
 
 log = logging.getLogger(__name__)
 
