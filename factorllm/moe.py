@@ -39,9 +39,7 @@ class MoEFFN(nn.Module):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
-        self.num_experts, self.top_k, self.gate = num_experts, top_k, gate
+        self.num_experts, self.gate = num_experts, gate
         self.act_name = act
         self.act = activation(act)
         self.router = nn.Linear(hidden, num_experts, bias=False)
@@ -49,9 +47,9 @@ class MoEFFN(nn.Module):
         self.experts_up = nn.Parameter(torch.empty(num_experts, expert_size, hidden))
         self.experts_down = nn.Parameter(torch.empty(num_experts, expert_size, hidden))
         self.shared = GatedMLP(hidden, shared_size, act) if shared_size else None
-        # [(max_tokens, path)], ascending: the dispatch path to use up to each token count,
-        # measured by tune_dispatch; beyond the last entry, "grouped" (see path_for).
-        self.dispatch_plan: list[tuple[int, str]] = []
+        # Also an empty dispatch_plan: [(max_tokens, path)], ascending, the dispatch path to use up
+        # to each token count, measured by tune_dispatch; beyond the last entry, "grouped" (path_for).
+        self.set_top_k(top_k)
         self.collect_stats = True
         self.time_experts = False
         # Engine hook: keep the last forward's expert choices (per-request routing traces).

@@ -64,6 +64,17 @@ def cached_factorized(source: str | None, factor: FactorConfig, calib_file: str 
     return load_model(str(out))
 
 
+def reroute_flags(source: str, flags: dict) -> dict:
+    """Of the factorization flags given with an already factorized `source` (None or False: not
+    given), the two that reroute it, as `with_top_k`'s arguments; any other would need a rebuild."""
+    reroute = {k: flags.get(k) for k in ("top_k", "top_k_per_layer")}
+    rebuild = sorted(k for k, v in flags.items() if k not in reroute and v is not None and v is not False)
+    if rebuild:
+        raise UsageError(f"{source} is already factorized: drop {', '.join('--' + k.replace('_', '-') for k in rebuild)} "
+                         "(of the factorization flags only --top-k and --top-k-per-layer apply: they reroute it)")
+    return reroute
+
+
 def with_top_k(loaded: LoadedModel, top_k: int | None = None, top_k_per_layer: list[int] | None = None) -> LoadedModel:
     """Route a factorized model's tokens to a different number of experts than it was built with
     (as llama.cpp lets Mixtral users change its experts per token): one checkpoint, several

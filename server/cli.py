@@ -76,7 +76,7 @@ def load_for_serving(settings: ServerSettings):
     """The model to serve: a factorized checkpoint as is, a dense source factorized (cached) unless
     --dense, with the quality preset unless flags say otherwise."""
     from factorllm.loading import load_model, read_config, resolve_dense_dir
-    from factorllm.pipeline import cached_factorized, factor_config_from, with_top_k
+    from factorllm.pipeline import cached_factorized, factor_config_from, reroute_flags, with_top_k
 
     t0 = time.perf_counter()
     path, dense_name = resolve_dense_dir(settings.model)
@@ -84,11 +84,8 @@ def load_for_serving(settings: ServerSettings):
     log.info("resolved model %s -> %s in %.1f s", settings.model, path, time.perf_counter() - t0)
     t1 = time.perf_counter()
     if "factorllm" in hf:
-        reroute = dict(top_k=settings.top_k, top_k_per_layer=settings.top_k_per_layer)
-        rebuild = {k: v for k, v in settings.factor_overrides().items() if k not in reroute and v is not None}
-        if settings.dense or settings.preset or rebuild:
-            raise UsageError(f"{settings.model} is already factorized: drop --dense and the factorization flags "
-                             "(--top-k and --top-k-per-layer reroute it)")
+        reroute = reroute_flags(settings.model, dict(settings.factor_overrides(), preset=settings.preset,
+                                                     dense=settings.dense))
         loaded = with_top_k(load_model(settings.model), **reroute)
         what = "factorized checkpoint"
     elif settings.dense:

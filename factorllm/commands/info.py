@@ -4,12 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import UsageError
 from ..info import format_summary, model_summary
 from ..loading import read_config, resolve_dense_dir
 from ..factor_config import FactorConfig
 from ..model import ModelConfig
-from ..pipeline import factor_config_from
+from ..pipeline import factor_config_from, reroute_flags
 from .common import add_factor_arguments, add_model_argument, factor_overrides
 
 HELP = "show a model's layers, experts, parameters and FLOPs per token"
@@ -28,13 +27,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = ModelConfig.from_hf(hf)
     if "factorllm" in hf:
         factor = FactorConfig.from_dict(hf["factorllm"])
-        reroute = (args.top_k, args.top_k_per_layer)
-        if any(v is not None for k, v in factor_overrides(args).items() if k not in ("top_k", "top_k_per_layer")) \
-                or args.preset:
-            raise UsageError(f"{args.model} is already factorized: of the factorization flags only --top-k and "
-                             "--top-k-per-layer apply (they reroute it)")
-        if reroute != (None, None):
-            factor = factor.rerouted(*reroute, cfg.num_hidden_layers)
+        reroute = reroute_flags(args.model, dict(factor_overrides(args), preset=args.preset))
+        if any(v is not None for v in reroute.values()):
+            factor = factor.rerouted(num_layers=cfg.num_hidden_layers, **reroute)
     elif args.preset or args.experts:
         # A what-if for a dense model: the accounting needs no factorization run.
         factor = factor_config_from(args.preset, **factor_overrides(args)).validate(
