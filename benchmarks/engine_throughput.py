@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="dtype of the engine's fast rows (auto: see server/engine.py)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--int8", action="store_true", help="also run each engine row with int8 weights (--quantize int8)")
     ap.add_argument("--skip", default="", help="comma list of rows to skip: hf,dense-fp32,dense,quality,fast")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -136,12 +137,15 @@ def main() -> None:
     prefill = {}  # name -> callable() -> prompt tokens/s
 
     def add_engine(name, loaded, dtype):
-        eng = off_main_thread(lambda: Engine(loaded, EngineConfig(max_num_seqs=max(conc), max_model_len=max_len,
-                                                                   max_num_batched_tokens=max(2048, args.prompt_tokens),
-                                                                   device=args.device, dtype=dtype)))
-        systems[name] = (lambda n, e=eng: loop.run_until_complete(engine_run_async(e, n, tokens, nucleus)),
-                         str(eng.dtype), eng)
-        prefill[name] = lambda e=eng: loop.run_until_complete(engine_prefill_async(e, long_ids))
+        quantize = ["none"] + (["int8"] if args.int8 else [])
+        for q in quantize:
+            eng = off_main_thread(lambda: Engine(loaded, EngineConfig(
+                max_num_seqs=max(conc), max_model_len=max_len, max_num_batched_tokens=max(2048, args.prompt_tokens),
+                device=args.device, dtype="auto" if q == "int8" else dtype, quantize=q)))
+            row = name if q == "none" else f"{name}-{q}"
+            systems[row] = (lambda n, e=eng: loop.run_until_complete(engine_run_async(e, n, tokens, nucleus)),
+                            q if q != "none" else str(eng.dtype), eng)
+            prefill[row] = lambda e=eng: loop.run_until_complete(engine_prefill_async(e, long_ids))
 
     if "hf" not in skip:
         from transformers import AutoModelForCausalLM

@@ -90,29 +90,38 @@ class MoEFFN(nn.Module):
         gu = F.linear(x, self.gate_up().reshape(N * 2 * E, H)).view(-1, N, 2, E)
         return self.act(gu[:, :, 0]) * gu[:, :, 1]
 
-    def pack(self, kernel: Callable[[torch.Tensor], Callable] | None) -> None:
+    @property
+    def shared_joins_experts(self) -> bool:
+        """Shared neurons that form whole expert-sized groups: `pack` runs them with the experts."""
+        return self.shared is not None and self.shared.gate_proj.out_features % self.expert_size == 0
+
+    def pack(self, kernel: Callable[[torch.Tensor], Callable] | None,
+             down_kernel: Callable[[torch.Tensor], Callable] | None = None) -> None:
         """Inference engines: run the masked path's two matmuls through `kernel(weight [out, in])`,
         a callable computing x @ weight.T (the engine's prepacked oneDNN bf16 linears, ~1.3-1.9x
         faster than plain bf16 matmuls at decode sizes); None goes back to plain matmuls. Shared
         neurons that form whole expert-sized groups join as always-on experts, so that the masked
         path is one matmul pair, the dense FFN's. Each routed expert also gets its own kernel pair,
-        for the `kernels` path (`use_plan` lets them go if the plan never takes it). The kernels
-        hold their own copy of the weights: pack again after changing them."""
+        for the `kernels` path (`use_plan` lets them go if the plan never takes it). `down_kernel`
+        (default: `kernel`) builds the down projections' kernels (int8 weights share row scales
+        across experts, see factorllm/quantize.py). The kernels hold their own copy of the
+        weights: pack again after changing them."""
         self.packed, self.shared_packed, self.expert_kernels = None, False, None
         if kernel is None:  # a tuned plan's `kernels` entries fall back to `masked`
             self.dispatch_plan = [(n, "masked" if p == "kernels" else p) for n, p in self.dispatch_plan]
             return
         N, E, H = self.experts_down.shape
+        down_kernel = down_kernel or kernel
         with torch.no_grad():
             if not self.keeps_every_expert:
                 gu = self.gate_up()
-                self.expert_kernels = [(kernel(gu[e]), kernel(self.experts_down[e].t().contiguous()))
+                self.expert_kernels = [(kernel(gu[e]), down_kernel(self.experts_down[e].t().contiguous()))
                                        for e in range(N)]
             gates = [self.experts_gate.reshape(N * E, H)]
             ups = [self.experts_up.reshape(N * E, H)]
             down = [self.experts_down.reshape(N * E, H)]
             extra = 0
-            if self.shared is not None and self.shared.gate_proj.out_features % E == 0:
+            if self.shared_joins_experts:
                 sh = self.shared
                 extra = sh.gate_proj.out_features // E
                 gates.append(sh.gate_proj.weight)
@@ -121,7 +130,7 @@ class MoEFFN(nn.Module):
             # All gate rows, then all up rows: the activation then reads one contiguous half
             # (on the per-expert interleaved [N, 2E] layout it ran ~4x slower).
             gate_up = torch.cat(gates + ups)
-            self.packed = (kernel(gate_up), kernel(torch.cat(down).t().contiguous()), extra)
+            self.packed = (kernel(gate_up), down_kernel(torch.cat(down).t().contiguous()), extra)
             self.shared_packed = extra > 0
 
     def _apply(self, fn, recurse=True):

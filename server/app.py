@@ -163,7 +163,7 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
         cfg = engine_config or EngineConfig(
             max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
             max_num_batched_tokens=settings.max_num_batched_tokens, device=settings.device,
-            dtype=settings.dtype, expert_timing_every=settings.expert_timing_every)
+            dtype=settings.dtype, quantize=settings.quantize, expert_timing_every=settings.expert_timing_every)
         t0 = time.perf_counter()
         # Built on a short-lived thread, so that the step thread is the only OpenMP team.
         engine = off_main_thread(lambda: Engine(loaded, cfg))
@@ -172,7 +172,8 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
         state.timings["engine_start_s"] = time.perf_counter() - t0
         log.info("engine started in %.1f s on %s (%s): max_num_seqs=%d, max_model_len=%d",
                  state.timings["engine_start_s"], engine.device, engine.dtype, cfg.max_num_seqs, engine.max_model_len)
-        metrics.set_model(name, loaded.model, loaded.factor, str(engine.device), str(engine.dtype).replace("torch.", ""))
+        metrics.set_model(name, loaded.model, loaded.factor, str(engine.device), str(engine.dtype).replace("torch.", ""),
+                          cfg.quantize)
         metrics.bind_engine(engine, waiting_extra=lambda: 0)
         metrics.ready.set(0)
         state.warmup_task = asyncio.create_task(_warm_up(state))

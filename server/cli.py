@@ -22,7 +22,7 @@ log = logging.getLogger("factorllm.serve")
 
 # flag dest -> settings field (all the same name)
 FIELDS = ("model", "dense", "preset", "experts", "top_k", "top_k_per_layer", "dense_layers", "shared_experts", "partition", "gate", "router_init",
-          "seed", "calib", "calib_seqs", "served_model_name", "host", "port", "device", "dtype", "max_num_seqs",
+          "seed", "calib", "calib_seqs", "served_model_name", "host", "port", "device", "dtype", "quantize", "max_num_seqs",
           "max_model_len", "max_num_batched_tokens", "max_queued_requests", "max_body_bytes", "api_key", "cors_origins",
           "shutdown_timeout", "expert_metrics", "expert_timing_every")
 
@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("engine")
     e.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
     e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="default auto")
+    e.add_argument("--quantize", choices=("none", "int8"),
+                   help="int8: weights rounded to 8 bits per output row and run by torch's int8 kernel at decode "
+                        "sizes (CPU; ~1.0004x ppl; faster on CPUs without native bf16). Default none")
     e.add_argument("--max-num-seqs", type=int, help="concurrent sequences in a batch (default 16)")
     e.add_argument("--max-model-len", type=int, help="prompt + completion tokens per sequence (default 2048)")
     e.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step (default 2048)")
@@ -117,6 +120,14 @@ def load_for_serving(settings: ServerSettings):
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    if settings.quantize == "int8":  # refused before minutes of loading, not at engine start
+        from factorllm.device import resolve_device
+
+        from .engine import int8_engine_dtype
+        try:
+            int8_engine_dtype(settings.dtype, resolve_device(settings.device))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     return serve(settings)
 
 

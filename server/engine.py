@@ -11,7 +11,10 @@ detokenization) ends only that request with finish_reason "error".
 Device and dtype: "auto" picks CUDA when available. dtype "auto" is bf16 on CUDA and on CPUs
 with native bf16 dot products (AVX512-BF16/AMX): there a decode step at 32 sequences measured
 104 ms in bf16 (prepacked oneDNN linears, see PackedLinear) against 195 ms in fp32 on this
-2-core EPYC; fp32 elsewhere. fp32 is the exactness reference (the tests use it).
+2-core EPYC; fp32 elsewhere. fp32 is the exactness reference (the tests use it). On CPUs
+without native bf16, `quantize="int8"` (factorllm/quantize.py) runs fp32 activations over int8
+weights: a quarter of the bytes a decode step reads (dense 1.7x faster at one sequence on an
+AVX2 EPYC, perplexity 1.002x; docs/results.md).
 
 Threads: torch's CPU kernels use GNU OpenMP, which gives every thread running parallel regions
 its own team of workers and throttles their spin-waiting once the teams outnumber the CPUs. The
@@ -22,6 +25,7 @@ a decode step measured ~1.5x slower on 2 cores.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import time
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from factorllm.device import resolve_device, resolve_dtype
 from factorllm.kv_cache import CacheBatch, KVCache
 from factorllm.moe import MoEFFN
+from factorllm.quantize import quantize_int8
 
 from .detokenizer import IncrementalDetokenizer
 from .sampling import SampleRow, logprobs_of, make_generator, sample
@@ -105,6 +110,7 @@ class EngineConfig:
     device: str = "auto"               # auto|cpu|cuda
     dtype: str = "auto"                # auto|float32|bfloat16|float16
     expert_timing_every: int = 16      # time experts every Nth step (CUDA events / CPU timers)
+    quantize: str = "none"             # none|int8: int8 weight-only linears (CPU, fp32; factorllm/quantize.py)
 
 
 @dataclass
@@ -230,6 +236,16 @@ def prepack_bf16_linears(root: torch.nn.Module, batch_hint: int) -> bool:
         return False
 
 
+def int8_engine_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """int8 weights run on CPU with fp32 activations around torch's int8 kernel (its bf16 inputs
+    are cast per call); other dtypes and devices are refused with the flag to change."""
+    if device.type != "cpu":
+        raise ValueError("int8 weights run on CPU only: drop --quantize int8 or use --device cpu")
+    if dtype not in ("auto", "float32", "fp32"):
+        raise ValueError(f"int8 weights run with float32 activations: drop --dtype {dtype} or --quantize int8")
+    return torch.float32
+
+
 def available_host_memory() -> int:
     try:
         import psutil
@@ -265,7 +281,13 @@ class Engine:
         self.model_name = loaded.name
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval().fuse()
+        model = loaded.model
+        if config.quantize == "int8":
+            self.dtype = int8_engine_dtype(config.dtype, self.device)
+            model = copy.deepcopy(model)  # rounding is in place; the caller's model stays as loaded
+        elif config.quantize != "none":
+            raise ValueError(f"unknown quantization {config.quantize!r}: choose none or int8")
+        self.model = model.to(device=self.device, dtype=self.dtype).eval().fuse()
         self.moes: list[MoEFFN] = [m for m in self.model.modules() if isinstance(m, MoEFFN)]
         for m in self.moes:
             # Routers stay fp32: top-k choices near ties should not hinge on bf16 rounding, and on
@@ -277,7 +299,10 @@ class Engine:
         self.eos_ids = set(cfg.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+        if config.quantize == "int8":
+            crossovers = quantize_int8(self.model)
+            log.info("int8 weights; int8 kernel up to these rows per weight shape: %s", crossovers)
+        elif self.device.type == "cpu" and self.dtype == torch.bfloat16:
             prepack_bf16_linears(self.model, config.max_num_seqs)
         num_slots = config.max_num_seqs
         if config.kv_cache_memory_fraction is not None:

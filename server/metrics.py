@@ -51,7 +51,7 @@ EXPORTED_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "factorllm_requests_rejected_total": ("counter", ("reason",)),
     "factorllm_model_info": (
         "gauge",
-        ("model", "experts", "top_k", "active_ffn_fraction", "device", "dtype"),
+        ("model", "experts", "top_k", "active_ffn_fraction", "device", "dtype", "quantization"),
     ),
 }
 EXPERT_METRICS_MODES = ("per-expert", "per-layer", "off")
@@ -279,14 +279,14 @@ class ServerMetrics:
             self.waiting.set_function(lambda: float(engine.num_waiting + waiting_extra()))
         self.kv_usage.set_function(lambda: float(engine.kv_cache_usage))
 
-    def set_model(self, name: str, model, factor, device: str, dtype: str) -> None:
+    def set_model(self, name: str, model, factor, device: str, dtype: str, quantization: str = "none") -> None:
         cfg = model.config
         if factor is not None:
             experts, top_k = str(factor.experts), str(factor.top_k)
             frac = f"{factor.active_ffn_fraction(cfg.num_hidden_layers):.3f}"
         else:
             experts, top_k, frac = "0", "0", "1.000"
-        self.model_info.labels(name, experts, top_k, frac, str(device), str(dtype)).set(1)
+        self.model_info.labels(name, experts, top_k, frac, str(device), str(dtype), quantization).set(1)
         if factor is not None and self.expert_mode != "off":
             ks = [factor.layer_top_k(i) for i in range(cfg.num_hidden_layers)]
             self.experts = ExpertStats(cfg.num_hidden_layers, factor.experts, ks, self.expert_mode)

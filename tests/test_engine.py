@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from factorllm.device import cpu_has_fast_bf16
 from server.engine import Engine, EngineConfig, EngineRequest, SamplingParams, padding_groups
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
@@ -358,6 +359,7 @@ def test_detokenizer_holds_back_partial_stop_strings(default_model):
     assert all("\ufffd" not in p for p in pieces) and "".join(pieces) + d.flush() == "tea 🍵 and 日本語"
 
 
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="oneDNN's prepacked bf16 linears need AVX512-BF16 or AVX-NE-CONVERT")
 @pytest.mark.parametrize("gate", ["sum", "weighted"])
 def test_packed_masked_path_matches_plain(default_model, gate):
     """The engine's prepacked bf16 paths (masked, shared groups folded in as always-on experts;

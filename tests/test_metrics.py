@@ -69,7 +69,7 @@ def test_metrics_exposition(served):
     assert lat_count > 0
     (info,) = m["factorllm_model_info"]
     assert info[0]["experts"] == "8" and info[0]["top_k"] == "4" and info[0]["active_ffn_fraction"] == "0.500"
-    assert info[0]["device"] == "cpu" and info[0]["dtype"] == "float32"
+    assert info[0]["device"] == "cpu" and info[0]["dtype"] == "float32" and info[0]["quantization"] == "none"
     assert m["factorllm_ready"][0][1] == 1.0
     assert sum(v for _, v in m["factorllm_time_to_first_token_seconds_count"]) >= 2
     assert sum(v for _, v in m["factorllm_inter_token_latency_seconds_count"]) >= 10

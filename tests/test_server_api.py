@@ -270,11 +270,12 @@ def test_concurrent_requests_interleave(served):
 # ----------------------------------------------------------------------------- own processes
 
 def test_api_key_and_sigterm_drain(tmp_path):
-    """A second server with --api-key (and one CORS origin): 401 on /v1/* only; then SIGTERM while a request streams:
-    /ready turns 503, new requests are refused, the in-flight one finishes, exit status 0."""
+    """A second server with --api-key, int8 weights (--quantize int8) and one CORS origin: 401 on /v1/* only; then
+    SIGTERM while a request streams: /ready turns 503, new requests are refused, the in-flight one finishes, exit 0."""
     key = "sk-test-3f9a2c"
     server = ServerProcess(FAST_FACTOR + ["--api-key", key, "--shutdown-timeout", "60", "--max-model-len", "256",
-                                          "--dtype", "float32", "--cors-origin", "https://app.example"],
+                                          "--dtype", "float32", "--cors-origin", "https://app.example",
+                                          "--quantize", "int8"],
                            log_name="sigterm").start()
     u = server.url
     auth = {"authorization": f"Bearer {key}"}
@@ -285,6 +286,7 @@ def test_api_key_and_sigterm_drain(tmp_path):
         openai_error(_post(u, "/v1/completions", {"prompt": "x"}), 401)
         assert httpx.get(u + "/v1/models", headers=auth).status_code == 200
         assert httpx.get(u + "/health").status_code == 200 and httpx.get(u + "/metrics").status_code == 200
+        assert metric(u, "factorllm_model_info", {"quantization": "int8", "dtype": "float32"}) == 1.0
         from openai import OpenAI
         with pytest.raises(openai.AuthenticationError):
             OpenAI(base_url=u + "/v1", api_key="nope", max_retries=0).models.list()
@@ -323,7 +325,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     from factorllm.cli import main
     cases = [(["--model", str(tmp_path / "nope")], {}, "model source not found"),
              ([], {"FACTORLLM_PORT": "eighty"}, "FACTORLLM_PORT"),
-             (["--dense", "--preset", "fast"], {}, "--dense cannot be combined")]
+             (["--dense", "--preset", "fast"], {}, "--dense cannot be combined"),
+             (["--quantize", "int8", "--dtype", "bfloat16"], {}, "drop --dtype bfloat16 or --quantize int8")]
     for args, env, expect in cases:
         with monkeypatch.context() as m:
             for k, v in env.items():

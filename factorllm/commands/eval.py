@@ -11,6 +11,7 @@ from ..errors import UsageError
 from ..evaluate import compare, evaluate
 from ..loading import load_model
 from ..pipeline import with_top_k
+from ..quantize import quantize_int8
 from .common import add_model_argument, int_list
 
 HELP = "measure perplexity, multiple-choice accuracy, FLOPs per token and speed (optionally vs a baseline)"
@@ -37,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, help="a factorized --model: route each token to K experts (mean over layers) "
                                           "instead of the K it was built with")
     p.add_argument("--top-k-per-layer", type=int_list, metavar="K0,K1,...", help="... or to these K, one per layer")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="int8: evaluate with int8 weights, as `factorllm serve --quantize int8` runs them")
     p.add_argument("--baseline", metavar="SRC", help="also evaluate this model (e.g. the dense one) and print ratios")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
@@ -55,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     opts = dict(ppl_file=args.ppl, mc_file=args.mc, limit=args.limit, window=args.window, stride=args.stride,
                 ppl_tokens=args.ppl_tokens, speed=not args.no_speed)
-    result = evaluate(with_top_k(load_model(args.model), args.top_k, args.top_k_per_layer), **opts)
+    loaded = with_top_k(load_model(args.model), args.top_k, args.top_k_per_layer)
+    if args.quantize == "int8":
+        quantize_int8(loaded.model)
+        loaded.name += "-int8"
+    result = evaluate(loaded, **opts)
     base = evaluate(load_model(args.baseline), **opts) if args.baseline else None
     cols = [result] + ([base] if base else [])
     lines = ["| metric | " + " | ".join(r["model"] for r in cols) + " |", "|---|" + "---:|" * len(cols)]

@@ -1,0 +1,171 @@
+"""Int8 weight-only quantization for CPU decoding (llama.cpp's Q8 idea, one scale per output row).
+
+A decode step at a few sequences reads every weight once, so on CPUs without native bf16 dot
+products (AVX2 machines run the engine in fp32) its time is the bytes of the fp32 weights.
+`quantize_int8` rounds every linear weight to 8 bits with one bf16 scale per output row, in
+place (perplexity of the default model on 4,096 WikiText-2 tokens 1.002x of fp32,
+docs/results.md), and gives each linear two ways to run over the same rounded values:
+  * up to `crossover` rows, torch's int8 weight-only kernel (`aten._weight_int8pack_mm`,
+    vectorized for bf16 activations): a quarter of the fp32 bytes;
+  * more rows, the fp32 matmul over the rounded weight: there the matmul is compute-bound and
+    MKL's fp32 GEMM beats the int8 kernel.
+The crossover is measured per weight shape when the model is quantized. Routers stay fp32 (and
+unrounded): their choices should not hinge on rounding. MoE experts are rounded with the row layout
+the masked dispatch path packs them in (see `quantize_moe_`): every dispatch path computes with
+the same values, and each expert's own kernels (the `kernels` path) are int8 too.
+"""
+from __future__ import annotations
+
+import time
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .moe import MoEFFN
+
+CROSSOVER_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def round_rows_(weight: torch.Tensor) -> torch.Tensor:
+    """Round each row of `weight` [out, in] (a view is fine) to 255 levels, in place: q * s with
+    q an integer in [-127, 127] and s the row's bf16 scale (the int8 kernel's scale dtype), so that
+    `int8_rows` recovers q and s exactly and both of `Int8Kernel`'s paths use these values.
+    Returns the scales [out] (bf16)."""
+    w = weight.detach()
+    scales = w.abs().amax(1).float().clamp_min(1e-12) / 127
+    q = torch.round(w.float() / scales[:, None]).clamp_(-127, 127)
+    scales = scales.to(torch.bfloat16)
+    w.copy_(q * scales.float()[:, None])
+    return scales
+
+
+def int8_rows(weight: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight rounded by `round_rows_` as its int8 values and bf16 scales. Without `scales`
+    they are recovered from each row's largest entry (127 scales exactly); a block of columns
+    of a rounded weight passes its rows' scales."""
+    w = weight.detach().float()
+    if scales is None:
+        scales = (w.abs().amax(1).clamp_min(1e-12) / 127).to(torch.bfloat16)
+    return torch.round(w / scales.float()[:, None]).to(torch.int8).contiguous(), scales
+
+
+def int8_matmul(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ (q * scales).T through the int8 kernel: activations and result rounded to bf16
+    (its input dtype), returned as x's dtype."""
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scales).to(x.dtype)
+
+
+def bf16_rounded_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What `int8_matmul` computes, by the fp32 matmul over the rounded weight: activations and
+    result rounded to bf16 alike, so that a sequence's tokens do not depend on how many rows
+    share its step (beyond fp32 summation order)."""
+    y = F.linear(x.to(torch.bfloat16).to(x.dtype), weight)
+    return y.to(torch.bfloat16).to(x.dtype)
+
+
+def measure_crossover(weight: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, repeats: int = 7) -> int:
+    """The most rows at which the int8 kernel still beats the fp32 matmul on this weight (0: never).
+    Both run in turns and each keeps its least disturbed time, as MoEFFN.tune_dispatch does."""
+    crossover = 0
+    for n in CROSSOVER_CANDIDATES:
+        x = torch.randn(n, weight.shape[1], dtype=weight.dtype)
+        best = [float("inf"), float("inf")]
+        for i in range(repeats + 1):  # the first round warms up
+            for j, run in enumerate((lambda: bf16_rounded_matmul(weight, x), lambda: int8_matmul(q, scales, x))):
+                t0 = time.perf_counter()
+                run()
+                if i:
+                    best[j] = min(best[j], time.perf_counter() - t0)
+        if best[1] >= best[0]:
+            break
+        crossover = n
+    return crossover
+
+
+class Int8Kernel:
+    """x @ weight.T (+ bias) for a weight on its rows' int8 grid: the int8 kernel up to
+    `crossover` rows, the fp32 matmul over the same values beyond (see the module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, crossovers: dict[tuple, int], bias: torch.Tensor | None = None,
+                 scales: torch.Tensor | None = None):
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.q, self.scales = int8_rows(self.weight, scales)
+        key = tuple(self.weight.shape)
+        if key not in crossovers:
+            crossovers[key] = measure_crossover(self.weight, self.q, self.scales)
+        self.crossover = crossovers[key]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if flat.shape[0] <= self.crossover:
+            y = int8_matmul(self.q, self.scales, flat)
+        else:
+            y = bf16_rounded_matmul(self.weight, flat)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], y.shape[-1])
+
+
+class Int8Linear(nn.Module):
+    """An nn.Linear whose weight was rounded to int8, run through `Int8Kernel`. Keeps the original
+    module (parameters, state_dict)."""
+
+    def __init__(self, plain: nn.Linear, crossovers: dict[tuple, int], scales: torch.Tensor | None = None):
+        super().__init__()
+        self.plain = plain
+        self.in_features, self.out_features = plain.in_features, plain.out_features
+        self.kernel = Int8Kernel(plain.weight, crossovers, plain.bias, scales)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.plain.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x)
+
+
+def quantize_moe_(moe: MoEFFN, crossovers: dict[tuple, int]) -> None:
+    """Round an MoE layer's experts as its masked path packs them (MoEFFN.pack): gate and up rows
+    per neuron; down per hidden row across all routed experts and the shared neurons packed with
+    them, so that one set of row scales serves the packed down projection, each expert's and the
+    shared neurons' own. Then pack the layer with int8 kernels."""
+    N, E, H = moe.experts_down.shape
+    round_rows_(moe.experts_gate.view(N * E, H))
+    round_rows_(moe.experts_up.view(N * E, H))
+    down = [moe.experts_down.detach().reshape(N * E, H).t()]
+    if moe.shared_joins_experts:
+        round_rows_(moe.shared.gate_proj.weight)
+        round_rows_(moe.shared.up_proj.weight)
+        down.append(moe.shared.down_proj.weight.detach())
+    rows = torch.cat(down, 1)  # [H, N*E (+ S)]
+    down_scales = round_rows_(rows)
+    moe.experts_down.detach().copy_(rows[:, :N * E].t().reshape(N, E, H))
+    if moe.shared_joins_experts:
+        moe.shared.down_proj.weight.detach().copy_(rows[:, N * E:])
+        shared = moe.shared
+        for name in ("gate_up_proj",) if shared.gate_up_proj is not None else ("gate_proj", "up_proj"):
+            setattr(shared, name, Int8Linear(getattr(shared, name), crossovers))
+        shared.down_proj = Int8Linear(shared.down_proj, crossovers, down_scales)
+    moe.pack(lambda w: Int8Kernel(w, crossovers),
+             down_kernel=lambda w: Int8Kernel(w, crossovers, scales=down_scales))
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module) -> dict[tuple, int]:
+    """Round every linear weight of `model` (an fp32 CPU model) to int8 in place and run it
+    through `Int8Kernel`; returns the measured crossover per weight shape. A tied LM head rounds
+    the token embeddings too (each token's row with its own scale)."""
+    crossovers: dict[tuple, int] = {}
+    for m in list(model.modules()):
+        if isinstance(m, MoEFFN):
+            quantize_moe_(m, crossovers)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is not nn.Linear or name in getattr(parent, "fused_away", ())
+                    or isinstance(parent, MoEFFN)):
+                continue  # routers stay fp32 and unrounded
+            round_rows_(child.weight)
+            setattr(parent, name, Int8Linear(child, crossovers))
+    return crossovers
