@@ -72,7 +72,7 @@ async def main() -> int:
                                          device=args.device, dtype=args.dtype))
     await engine.start()
     metrics = ServerMetrics("per-expert")
-    metrics.set_model(loaded.name, loaded.model, loaded.factor, str(engine.device), str(engine.dtype))
+    metrics.set_model(loaded.name, loaded.model, loaded.factor, str(engine.device), str(engine.dtype), engine.quantize)
     metrics.bind_engine(engine)
     tok = loaded.tokenizer
     texts = ["The history of the Roman Empire", "def quicksort(xs):", "Photosynthesis is", "Once upon a time",

@@ -50,6 +50,17 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def resolve_quantization(name: str, dtype: str, device: torch.device) -> str:
+    """"auto": int8 weights (factorllm/quantize.py) where the engine would otherwise run fp32 for
+    want of native bf16, i.e. a CPU without it and dtype "auto"; "none" everywhere else (an
+    explicit dtype, fp32 included, keeps the weights as they are)."""
+    if name not in ("auto", "none", "int8"):
+        raise ValueError(f"unknown quantization {name!r}: choose auto, none or int8")
+    if name == "auto":
+        return "int8" if device.type == "cpu" and dtype == "auto" and not cpu_has_fast_bf16() else "none"
+    return name
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

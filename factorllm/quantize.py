@@ -17,6 +17,7 @@ the same values, and each expert's own kernels (the `kernels` path) are int8 too
 from __future__ import annotations
 
 import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -11,10 +11,10 @@ detokenization) ends only that request with finish_reason "error".
 Device and dtype: "auto" picks CUDA when available. dtype "auto" is bf16 on CUDA and on CPUs
 with native bf16 dot products (AVX512-BF16/AMX): there a decode step at 32 sequences measured
 104 ms in bf16 (prepacked oneDNN linears, see PackedLinear) against 195 ms in fp32 on this
-2-core EPYC; fp32 elsewhere. fp32 is the exactness reference (the tests use it). On CPUs
-without native bf16, `quantize="int8"` (factorllm/quantize.py) runs fp32 activations over int8
-weights: a quarter of the bytes a decode step reads (dense 1.7x faster at one sequence on an
-AVX2 EPYC, perplexity 1.002x; docs/results.md).
+2-core EPYC. On CPUs without native bf16 `quantize` "auto" runs fp32 activations over int8
+weights instead (factorllm/quantize.py): a quarter of the bytes a decode step reads (dense 1.7x
+faster than fp32 at one sequence on an AVX2 EPYC, perplexity 1.002x; docs/results.md). fp32 with
+the weights as loaded (dtype "float32") is the exactness reference (the tests use it).
 
 Threads: torch's CPU kernels use GNU OpenMP, which gives every thread running parallel regions
 its own team of workers and throttles their spin-waiting once the teams outnumber the CPUs. The
@@ -36,7 +36,7 @@ from typing import AsyncIterator, Callable
 import torch
 import torch.nn.functional as F
 
-from factorllm.device import resolve_device, resolve_dtype
+from factorllm.device import resolve_device, resolve_dtype, resolve_quantization
 from factorllm.kv_cache import CacheBatch, KVCache
 from factorllm.moe import MoEFFN
 from factorllm.quantize import quantize_int8
@@ -110,7 +110,7 @@ class EngineConfig:
     device: str = "auto"               # auto|cpu|cuda
     dtype: str = "auto"                # auto|float32|bfloat16|float16
     expert_timing_every: int = 16      # time experts every Nth step (CUDA events / CPU timers)
-    quantize: str = "none"             # none|int8: int8 weight-only linears (CPU, fp32; factorllm/quantize.py)
+    quantize: str = "auto"             # auto|none|int8: int8 weight-only linears (CPU; see resolve_quantization)
 
 
 @dataclass
@@ -281,12 +281,11 @@ class Engine:
         self.model_name = loaded.name
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.quantize = resolve_quantization(config.quantize, config.dtype, self.device)
         model = loaded.model
-        if config.quantize == "int8":
+        if self.quantize == "int8":
             self.dtype = int8_engine_dtype(config.dtype, self.device)
             model = copy.deepcopy(model)  # rounding is in place; the caller's model stays as loaded
-        elif config.quantize != "none":
-            raise ValueError(f"unknown quantization {config.quantize!r}: choose none or int8")
         self.model = model.to(device=self.device, dtype=self.dtype).eval().fuse()
         self.moes: list[MoEFFN] = [m for m in self.model.modules() if isinstance(m, MoEFFN)]
         for m in self.moes:
@@ -299,7 +298,7 @@ class Engine:
         self.eos_ids = set(cfg.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        if config.quantize == "int8":
+        if self.quantize == "int8":
             crossovers = quantize_int8(self.model)
             log.info("int8 weights; int8 kernel up to these rows per weight shape: %s", crossovers)
         elif self.device.type == "cpu" and self.dtype == torch.bfloat16:

@@ -42,7 +42,8 @@ class ServerSettings(BaseSettings):
     # engine
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantize: Literal["none", "int8"] = Field("none", description="int8: int8 weight-only linears (CPU)")
+    quantize: Literal["auto", "none", "int8"] = Field(
+        "auto", description="int8: int8 weight-only linears (CPU); auto: int8 on CPUs without native bf16 when dtype is auto")
     max_num_seqs: int = Field(16, ge=1)
     max_model_len: int = Field(2048, ge=16)
     max_num_batched_tokens: int = Field(2048, ge=16)

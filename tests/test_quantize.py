@@ -116,7 +116,7 @@ def test_int8_engine_scores_like_fp32_alone_and_batched(default_model, sample_to
     assert not isinstance(default_model.model.lm_head, Int8Linear)
 
 
-@pytest.mark.parametrize("kw,message", [(dict(dtype="bfloat16"), "float32"), (dict(quantize="int4"), "none or int8")])
+@pytest.mark.parametrize("kw,message", [(dict(dtype="bfloat16"), "float32"), (dict(quantize="int4"), "auto, none or int8")])
 def test_int8_engine_refuses_what_it_cannot_run(default_model, kw, message):
     with pytest.raises(ValueError, match=message):
         Engine(default_model, EngineConfig(max_num_seqs=1, max_model_len=64, device="cpu",
