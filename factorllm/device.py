@@ -61,6 +61,16 @@ def resolve_quantization(name: str, dtype: str, device: torch.device) -> str:
     return name
 
 
+def int8_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The activation dtype of int8 weights: fp32 on CPU (torch's int8 kernel takes bf16 inputs,
+    cast per call); other dtypes and devices are refused with the flag to change."""
+    if device.type != "cpu":
+        raise ValueError("int8 weights run on CPU only: drop --quantize int8 or use --device cpu")
+    if dtype not in ("auto", "float32", "fp32"):
+        raise ValueError(f"int8 weights run with float32 activations: drop --dtype {dtype} or --quantize int8")
+    return torch.float32
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

@@ -8,6 +8,7 @@ that the engine can batch sequences of different lengths and positions in one ca
 from __future__ import annotations
 
 import math
+from typing import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -163,6 +164,24 @@ def fused_linear(*parts: nn.Linear) -> nn.Linear:
             p.bias = nn.Parameter(fused.bias.detach()[offset:offset + n], requires_grad=p.bias.requires_grad)
         offset += n
     return fused
+
+
+class KernelLinear(nn.Module):
+    """An nn.Linear run through another kernel, `kernel(x)` = x @ weight.T (+ bias): the engine's
+    prepacked oneDNN bf16 linears, int8 weights (factorllm/quantize.py). Keeps the original module
+    (parameters, state_dict)."""
+
+    def __init__(self, plain: nn.Linear, kernel: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.plain, self.kernel = plain, kernel
+        self.in_features, self.out_features = plain.in_features, plain.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.plain.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

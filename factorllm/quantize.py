@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import KernelLinear
 from .moe import MoEFFN
 
 CROSSOVER_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
@@ -109,22 +110,9 @@ class Int8Kernel:
         return y.view(*shape[:-1], y.shape[-1])
 
 
-class Int8Linear(nn.Module):
-    """An nn.Linear whose weight was rounded to int8, run through `Int8Kernel`. Keeps the original
-    module (parameters, state_dict)."""
-
-    def __init__(self, plain: nn.Linear, crossovers: dict[tuple, int], scales: torch.Tensor | None = None):
-        super().__init__()
-        self.plain = plain
-        self.in_features, self.out_features = plain.in_features, plain.out_features
-        self.kernel = Int8Kernel(plain.weight, crossovers, plain.bias, scales)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.plain.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel(x)
+def int8_linear(plain: nn.Linear, crossovers: dict[tuple, int], scales: torch.Tensor | None = None) -> KernelLinear:
+    """An nn.Linear whose weight was rounded to int8, run through `Int8Kernel`."""
+    return KernelLinear(plain, Int8Kernel(plain.weight, crossovers, plain.bias, scales))
 
 
 def quantize_moe_(moe: MoEFFN, crossovers: dict[tuple, int]) -> None:
@@ -147,8 +135,8 @@ def quantize_moe_(moe: MoEFFN, crossovers: dict[tuple, int]) -> None:
         moe.shared.down_proj.weight.detach().copy_(rows[:, N * E:])
         shared = moe.shared
         for name in ("gate_up_proj",) if shared.gate_up_proj is not None else ("gate_proj", "up_proj"):
-            setattr(shared, name, Int8Linear(getattr(shared, name), crossovers))
-        shared.down_proj = Int8Linear(shared.down_proj, crossovers, down_scales)
+            setattr(shared, name, int8_linear(getattr(shared, name), crossovers))
+        shared.down_proj = int8_linear(shared.down_proj, crossovers, down_scales)
     moe.pack(lambda w: Int8Kernel(w, crossovers),
              down_kernel=lambda w: Int8Kernel(w, crossovers, scales=down_scales))
 
@@ -168,5 +156,5 @@ def quantize_int8(model: nn.Module) -> dict[tuple, int]:
                     or isinstance(parent, MoEFFN)):
                 continue  # routers stay fp32 and unrounded
             round_rows_(child.weight)
-            setattr(parent, name, Int8Linear(child, crossovers))
+            setattr(parent, name, int8_linear(child, crossovers))
     return crossovers

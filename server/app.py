@@ -170,9 +170,9 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
         await engine.start()
         state.engine = engine
         state.timings["engine_start_s"] = time.perf_counter() - t0
-        log.info("engine started in %.1f s on %s (%s, %s weights): max_num_seqs=%d, max_model_len=%d",
-                 state.timings["engine_start_s"], engine.device, engine.dtype,
-                 "int8" if engine.quantize == "int8" else "unquantized", cfg.max_num_seqs, engine.max_model_len)
+        log.info("engine started in %.1f s on %s (%s, quantization %s): max_num_seqs=%d, max_model_len=%d",
+                 state.timings["engine_start_s"], engine.device, engine.dtype, engine.quantize, cfg.max_num_seqs,
+                 engine.max_model_len)
         metrics.set_model(name, loaded.model, loaded.factor, str(engine.device), str(engine.dtype).replace("torch.", ""),
                           engine.quantize)
         metrics.bind_engine(engine, waiting_extra=lambda: 0)

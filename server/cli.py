@@ -122,11 +122,9 @@ def load_for_serving(settings: ServerSettings):
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if settings.quantize == "int8":  # refused before minutes of loading, not at engine start
-        from factorllm.device import resolve_device
-
-        from .engine import int8_engine_dtype
+        from factorllm.device import int8_dtype, resolve_device
         try:
-            int8_engine_dtype(settings.dtype, resolve_device(settings.device))
+            int8_dtype(settings.dtype, resolve_device(settings.device))
         except ValueError as e:
             raise UsageError(str(e)) from None
     return serve(settings)

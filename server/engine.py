@@ -10,7 +10,7 @@ detokenization) ends only that request with finish_reason "error".
 
 Device and dtype: "auto" picks CUDA when available. dtype "auto" is bf16 on CUDA and on CPUs
 with native bf16 dot products (AVX512-BF16/AMX): there a decode step at 32 sequences measured
-104 ms in bf16 (prepacked oneDNN linears, see PackedLinear) against 195 ms in fp32 on this
+104 ms in bf16 (prepacked oneDNN linears, see `prepacked`) against 195 ms in fp32 on this
 2-core EPYC. On CPUs without native bf16 `quantize` "auto" runs fp32 activations over int8
 weights instead (factorllm/quantize.py): a quarter of the bytes a decode step reads (dense 1.7x
 faster than fp32 at one sequence on an AVX2 EPYC, perplexity 1.002x; docs/results.md). fp32 with
@@ -36,8 +36,9 @@ from typing import AsyncIterator, Callable
 import torch
 import torch.nn.functional as F
 
-from factorllm.device import resolve_device, resolve_dtype, resolve_quantization
+from factorllm.device import int8_dtype, resolve_device, resolve_dtype, resolve_quantization
 from factorllm.kv_cache import CacheBatch, KVCache
+from factorllm.model import KernelLinear
 from factorllm.moe import MoEFFN
 from factorllm.quantize import quantize_int8
 
@@ -193,26 +194,9 @@ def prepacked(weight: torch.Tensor, batch_hint: int, bias: torch.Tensor | None =
     return linear
 
 
-class PackedLinear(torch.nn.Module):
-    """A bf16 nn.Linear run through `prepacked`. Keeps the original module (parameters, state_dict)."""
-
-    def __init__(self, plain: torch.nn.Linear, batch_hint: int):
-        super().__init__()
-        self.plain = plain
-        self.in_features, self.out_features = plain.in_features, plain.out_features
-        self.linear = prepacked(plain.weight, batch_hint, plain.bias)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.plain.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
-
-
 def prepack_bf16_linears(root: torch.nn.Module, batch_hint: int) -> bool:
     """Every bf16 nn.Linear under `root` (fp32 ones, such as the engine's routers, stay) becomes a
-    `PackedLinear`: ~1.5x faster for the output projection (the largest matmul of a decode step)
+    `KernelLinear` over `prepacked`: ~1.5x faster for the output projection (the largest matmul of a decode step)
     and ~1.7x for the small per-layer matmuls at batch 1; MoE layers get the same kernels for
     their masked path (`MoEFFN.pack`). Returns False, with plain linears left, on builds without
     these oneDNN ops."""
@@ -221,7 +205,7 @@ def prepack_bf16_linears(root: torch.nn.Module, batch_hint: int) -> bool:
             for name, child in list(parent.named_children()):
                 if (type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16
                         and name not in getattr(parent, "fused_away", ())):
-                    setattr(parent, name, PackedLinear(child, batch_hint))
+                    setattr(parent, name, KernelLinear(child, prepacked(child.weight, batch_hint, child.bias)))
             if isinstance(parent, MoEFFN):
                 parent.pack(lambda w: prepacked(w, batch_hint))
         return True
@@ -229,21 +213,11 @@ def prepack_bf16_linears(root: torch.nn.Module, batch_hint: int) -> bool:
         log.info("no prepacked bf16 linears (%s)", e)
         for parent in list(root.modules()):
             for name, child in list(parent.named_children()):
-                if isinstance(child, PackedLinear):
+                if isinstance(child, KernelLinear):
                     setattr(parent, name, child.plain)
             if isinstance(parent, MoEFFN):
                 parent.pack(None)
         return False
-
-
-def int8_engine_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """int8 weights run on CPU with fp32 activations around torch's int8 kernel (its bf16 inputs
-    are cast per call); other dtypes and devices are refused with the flag to change."""
-    if device.type != "cpu":
-        raise ValueError("int8 weights run on CPU only: drop --quantize int8 or use --device cpu")
-    if dtype not in ("auto", "float32", "fp32"):
-        raise ValueError(f"int8 weights run with float32 activations: drop --dtype {dtype} or --quantize int8")
-    return torch.float32
 
 
 def available_host_memory() -> int:
@@ -280,12 +254,13 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
         self.quantize = resolve_quantization(config.quantize, config.dtype, self.device)
         model = loaded.model
         if self.quantize == "int8":
-            self.dtype = int8_engine_dtype(config.dtype, self.device)
+            self.dtype = int8_dtype(config.dtype, self.device)
             model = copy.deepcopy(model)  # rounding is in place; the caller's model stays as loaded
+        else:
+            self.dtype = resolve_dtype(config.dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval().fuse()
         self.moes: list[MoEFFN] = [m for m in self.model.modules() if isinstance(m, MoEFFN)]
         for m in self.moes:

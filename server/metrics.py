@@ -279,7 +279,7 @@ class ServerMetrics:
             self.waiting.set_function(lambda: float(engine.num_waiting + waiting_extra()))
         self.kv_usage.set_function(lambda: float(engine.kv_cache_usage))
 
-    def set_model(self, name: str, model, factor, device: str, dtype: str, quantization: str = "none") -> None:
+    def set_model(self, name: str, model, factor, device: str, dtype: str, quantization: str) -> None:
         cfg = model.config
         if factor is not None:
             experts, top_k = str(factor.experts), str(factor.top_k)

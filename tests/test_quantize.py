@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from factorllm.quantize import Int8Kernel, Int8Linear, int8_rows, quantize_int8, round_rows_
+from factorllm.model import KernelLinear
+from factorllm.quantize import Int8Kernel, int8_rows, quantize_int8, round_rows_
 from server.engine import Engine, EngineConfig, EngineRequest, SamplingParams
 
 
@@ -38,9 +39,9 @@ def test_int8_model_keeps_its_quality(default_model, sample_tokens):
     model = copy.deepcopy(default_model.model).eval()
     crossovers = quantize_int8(model)
     left = [name for parent in model.modules() for name, child in parent.named_children()
-            if type(child) is torch.nn.Linear and not isinstance(parent, Int8Linear)
+            if type(child) is torch.nn.Linear and not isinstance(parent, KernelLinear)
             and name not in getattr(parent, "fused_away", ())]
-    assert not left and isinstance(model.lm_head, Int8Linear) and all(c >= 0 for c in crossovers.values())
+    assert not left and isinstance(model.lm_head.kernel, Int8Kernel) and all(c >= 0 for c in crossovers.values())
 
     def nll(m):
         with torch.inference_mode():
@@ -113,7 +114,7 @@ def test_int8_engine_scores_like_fp32_alone_and_batched(default_model, sample_to
         fp32_gap.append((la - ref).abs().mean().item())
     assert max(batched_gap) < 0.3 and max(fp32_gap) < 0.25, (batched_gap, fp32_gap)  # bf16 noise; a leak costs nats
     # The caller's model is left as loaded (the engine rounds its own copy).
-    assert not isinstance(default_model.model.lm_head, Int8Linear)
+    assert not isinstance(default_model.model.lm_head, KernelLinear)
 
 
 @pytest.mark.parametrize("kw,message", [(dict(dtype="bfloat16"), "float32"), (dict(quantize="int4"), "auto, none or int8")])
