@@ -1,6 +1,6 @@
 """Where a decode step's time goes: torch profiler over engine decode steps, grouped by op.
 
-    python benchmarks/decode_profile.py [--batch 1 16] [--preset fast] [--threads 2] [--shapes]
+    python benchmarks/decode_profile.py [--batch 1 16] [--preset fast] [--threads 2] [--quantize none] [--shapes]
 
 Builds the engine's model (fused projections, prepacked bf16 linears on CPU), fills B cache rows
 (of --max-model-len positions, as the server allocates them) to --context positions, times --steps
@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantize", default="auto", choices=("auto", "none", "int8"))
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "decode_profile.json")
     args = p.parse_args(argv)
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     loaded = (cached_factorized(args.model, factor_config_from(args.preset)) if args.preset
               else load_model(args.model))
-    engine = Engine(loaded, EngineConfig(max_num_seqs=max(args.batch), dtype=args.dtype,
+    engine = Engine(loaded, EngineConfig(max_num_seqs=max(args.batch), dtype=args.dtype, quantize=args.quantize,
                                          max_model_len=max(args.max_model_len, args.context + 16)))
     engine.warm_up()  # MoE dispatch tuning, as the server's start-up does
     rows = [profile_batch(engine, B, args.context, args.steps, args.top, args.shapes) for B in args.batch]

@@ -464,8 +464,10 @@ def summarize(results: list[Result], elapsed: float, output_len: int, spec: Serv
 
 # --------------------------------------------------------------------------- roofline
 
-def measure_machine(seconds: float = 1.0, gemm_n: int = 2048, copy_mb: int = 256) -> dict:
-    """Best-of-repeats GEMM FLOP/s (fp32, bf16) and copy bandwidth (read + write bytes) with torch."""
+def measure_machine(seconds: float = 1.0, gemm_dtypes=("fp32", "bf16"), gemm_n: int = 2048, copy_mb: int = 256) -> dict:
+    """Best-of-repeats GEMM FLOP/s (of `gemm_dtypes`) and copy bandwidth (read + write bytes) with
+    torch. Only the dtypes the servers run: one bf16 GEMM of this size takes a minute on a CPU
+    without native bf16."""
     import torch
 
     def best_rate(fn, work: float) -> float:
@@ -494,7 +496,8 @@ def measure_machine(seconds: float = 1.0, gemm_n: int = 2048, copy_mb: int = 256
         out["load_avg_before"] = os.getloadavg()[0]
     except OSError:
         pass
-    for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+    for key in gemm_dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[key]
         a = torch.randn(gemm_n, gemm_n, dtype=dtype)
         b = torch.randn(gemm_n, gemm_n, dtype=dtype)
         out[f"gemm_flops_{key}"] = best_rate(lambda: torch.mm(a, b), 2.0 * gemm_n ** 3)
@@ -552,8 +555,8 @@ def model_costs(model_dir: Path, factor: dict | None, concurrency: float, input_
 
 
 def roofline(machine: dict, costs: dict, dtype: str, out_tok_s: float) -> dict:
-    peak = machine["gemm_flops_bf16" if dtype in ("bfloat16", "float16") else "gemm_flops_fp32"]
-    flop_bound = peak / costs["flops_per_output_token"]
+    peak = machine.get("gemm_flops_bf16" if dtype in ("bfloat16", "float16") else "gemm_flops_fp32")
+    flop_bound = peak / costs["flops_per_output_token"] if peak else None
     bw_bound = costs["batch"] * machine["copy_bytes_per_s"] / costs["bytes_per_step"]
     return {"flop_bound_tok_s": flop_bound, "bw_bound_tok_s": bw_bound,
             "frac_flop": out_tok_s / flop_bound if flop_bound else None,
@@ -633,9 +636,10 @@ def check_targets(report: dict) -> list[str]:
 def machine_line(m: dict | None) -> str:
     if not m:
         return "roofline: not measured"
+    gemms = ", ".join(f"{key} {m[f'gemm_flops_{key}'] / 1e9:.0f} GFLOP/s" for key in ("fp32", "bf16")
+                      if f"gemm_flops_{key}" in m)
     return (f"machine: {m.get('cpu')} ({m.get('cores')} cores, torch {m.get('threads')} threads); "
-            f"GEMM {m['gemm_n']}^3: fp32 {m['gemm_flops_fp32'] / 1e9:.0f} GFLOP/s, "
-            f"bf16 {m['gemm_flops_bf16'] / 1e9:.0f} GFLOP/s; copy {m['copy_bytes_per_s'] / 1e9:.1f} GB/s "
+            f"GEMM {m['gemm_n']}^3: {gemms}; copy {m['copy_bytes_per_s'] / 1e9:.1f} GB/s "
             f"(read+write); load average before: {m.get('load_avg_before', float('nan')):.1f}")
 
 
@@ -781,7 +785,8 @@ def main(argv=None) -> int:
 
     if not args.no_roofline:
         print("measuring GEMM FLOP/s and copy bandwidth ...", file=sys.stderr, flush=True)
-        report["machine"] = measure_machine(args.roofline_seconds)
+        bf16 = "bfloat16" in (args.dtype, args.tf_dtype)
+        report["machine"] = measure_machine(args.roofline_seconds, ("fp32", "bf16") if bf16 else ("fp32",))
         print(machine_line(report["machine"]), file=sys.stderr, flush=True)
 
     names = parse_list(args.servers, str)

@@ -467,7 +467,8 @@ def _sampling(req, max_tokens: int, index: int, logprobs: int | None, prompt_log
     return SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
         top_k=max(0, req.top_k), seed=seed, presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty, stop=list(req.stop or []),
+        frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty, min_p=req.min_p,
+        logit_bias=dict(req.logit_bias or {}), stop=list(req.stop or []),
         stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         return_routing=req.return_routing)

@@ -60,6 +60,9 @@ class SamplingParams:
     seed: int | None = None       # same seed -> same text, alone or batched
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 => off; over prompt and output tokens (vLLM)
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)        # not included in the output text
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -411,6 +414,13 @@ class Engine:
                 raise ValueError(f"{name} must be >= 0, got {v}")
         if any(not 0 <= t < self.vocab_size for t in p.stop_token_ids):
             raise ValueError("stop_token_ids contains an id outside the vocabulary")
+        if not p.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {p.repetition_penalty}")
+        if not 0 <= p.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {p.min_p}")
+        bad = [t for t in p.logit_bias if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is out of the vocabulary (0..{self.vocab_size - 1})")
         if req.request_id in self.seqs:
             raise ValueError(f"request id {req.request_id!r} is already running")
 
@@ -599,7 +609,7 @@ class Engine:
             return [], []
         specs = [self._sample_row(s) for s in rows]
         # sample() edits logits in place only for penalties and banned ids; logprobs need them raw.
-        edits = any(r.banned_ids or r.presence_penalty or r.frequency_penalty for r in specs)
+        edits = any(r.edits_logits for r in specs)
         try:
             ids = sample(logits.clone() if edits else logits, specs)
             out: list = ids.tolist()
@@ -632,8 +642,10 @@ class Engine:
         banned = None
         if len(seq.output_ids) < p.min_tokens and seq.stop_ids:
             banned = sorted(seq.stop_ids)
-        return SampleRow(p.temperature, p.top_p, p.top_k, seq.generator, p.presence_penalty,
-                         p.frequency_penalty, seq.output_ids, banned, p.logprobs)
+        return SampleRow(p.temperature, p.top_p, p.top_k, seq.generator, presence_penalty=p.presence_penalty,
+                         frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
+                         min_p=p.min_p, logit_bias=p.logit_bias, output_ids=seq.output_ids,
+                         prompt_ids=seq.prompt_ids, banned_ids=banned, logprobs=p.logprobs)
 
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

@@ -38,12 +38,25 @@ class _SamplingFields(_Request):
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = Field(None, description="token id -> bias in [-100, 100], added to its logit")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="vLLM extra: > 1 discourages tokens of the prompt "
+                                                               "and output (logit / p if positive, x p if not)")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM extra: drop tokens less likely than min_p x the "
+                                                          "most likely one")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     return_routing: bool = Field(False, description="FactorLLM extra: per-layer expert token counts of this request")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        for token, bias in (v or {}).items():
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -1,7 +1,7 @@
 """Per-request sampling over a step's batched logits.
 
-One call handles every row that finished a forward pass this step: penalties, temperature,
-top-k, top-p and a draw from each request's own `torch.Generator` (so a seeded request gives
+One call handles every row that finished a forward pass this step: logit bias, penalties,
+temperature, min-p, top-k, top-p (vLLM's order) and a draw from each request's own `torch.Generator` (so a seeded request gives
 the same text alone or batched), plus log-probabilities. Rows are processed together where the
 operation is row-independent; only the random draws are per row (one scalar per request).
 Log-probabilities are those of the model's distribution (raw logits, before temperature and
@@ -9,6 +9,7 @@ penalties), as in OpenAI's API.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,13 +26,23 @@ class SampleRow:
     generator: torch.Generator | None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0       # > 1: tokens of the prompt or output less likely (vLLM, CTRL)
+    min_p: float = 0.0                    # drop tokens below min_p x the most likely one's probability
+    logit_bias: dict[int, float] | None = None  # added to the logits (OpenAI)
     output_ids: list[int] | None = None   # generated so far (penalties)
+    prompt_ids: list[int] | None = None   # the prompt (repetition penalty)
     banned_ids: list[int] | None = None   # ids that may not be sampled now (EOS before min_tokens)
     logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0 or self.top_k == 1
+
+    @property
+    def edits_logits(self) -> bool:
+        """Whether adjust_logits changes this row (callers keep the raw logits for logprobs)."""
+        return bool(self.logit_bias or self.banned_ids or self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or (self.min_p > 0 and not self.greedy))
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -44,14 +55,28 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def adjust_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """Penalties and banned ids (in place on a float copy)."""
+    """Logit bias, penalties, banned ids and min-p, in place on a float copy. The repetition
+    penalty divides positive logits and multiplies negative ones of every token in the prompt or
+    output (vLLM, CTRL); presence and frequency penalties count the output only (OpenAI)."""
     for i, r in enumerate(rows):
+        row = logits[i]
+        if r.logit_bias:
+            ids = torch.tensor(list(r.logit_bias), device=row.device)
+            row[ids] += torch.tensor(list(r.logit_bias.values()), dtype=row.dtype, device=row.device)
+        if r.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(r.prompt_ids or ()) | set(r.output_ids or ())), dtype=torch.long,
+                                device=row.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / r.repetition_penalty, vals * r.repetition_penalty)
         if (r.presence_penalty or r.frequency_penalty) and r.output_ids:
-            ids = torch.tensor(r.output_ids, device=logits.device)
-            counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)
-            logits[i] -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).to(logits.dtype)
+            ids = torch.tensor(r.output_ids, device=row.device)
+            counts = torch.bincount(ids, minlength=row.shape[-1]).to(row.dtype)
+            row -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).to(row.dtype)
         if r.banned_ids:
-            logits[i, r.banned_ids] = float("-inf")
+            row[r.banned_ids] = float("-inf")
+        if r.min_p > 0 and not r.greedy:
+            # p / p_max >= min_p after temperature  <=>  logit >= max logit + T * log(min_p)
+            row.masked_fill_(row < row.max() + r.temperature * math.log(r.min_p), float("-inf"))
     return logits
 
 

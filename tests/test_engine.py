@@ -321,6 +321,39 @@ def test_sampler_top_k_top_p_and_seed():
     assert together == alone
 
 
+def test_sampler_logit_bias_repetition_penalty_min_p():
+    from server.sampling import SampleRow, adjust_logits, make_generator, sample
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, -1.0]])
+
+    def row(**kw):
+        return SampleRow(temperature=kw.pop("t", 1.0), top_p=1.0, top_k=0, generator=make_generator(3, torch.device("cpu")), **kw)
+    assert sample(logits.clone(), [row(t=0.0, logit_bias={4: 100.0})]).item() == 4
+    assert sample(logits.clone(), [row(t=0.0, logit_bias={0: -100.0})]).item() == 1
+    # Repetition: positive logits divided, negative ones multiplied, prompt and output alike.
+    adjusted = adjust_logits(logits.clone(), [row(repetition_penalty=2.0, prompt_ids=[0, 0], output_ids=[4])])
+    assert adjusted.tolist() == [[2.0, 3.0, 2.0, 1.0, -2.0]]
+    # min_p keeps tokens at least min_p x as likely as the top one: e^-1 = 0.37 passes 0.3, e^-2 does not.
+    r = row(min_p=0.3)
+    assert {sample(logits.clone(), [r]).item() for _ in range(300)} == {0, 1}
+    r = row(min_p=1.0, t=2.0)
+    assert {sample(logits.clone(), [r]).item() for _ in range(50)} == {0}
+    assert not row().edits_logits and row(min_p=0.1).edits_logits and not row(t=0.0, min_p=0.1).edits_logits
+
+
+def test_repetition_penalty_and_logit_bias_in_the_engine(engine, default_model):
+    ids = encode(default_model, "The cat sat on the mat. The cat sat on the")
+    plain = run(collect(engine, "rp0", ids, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)))
+    assert set(plain["ids"]) & set(ids)  # greedy repeats the prompt's words
+    strict = run(collect(engine, "rp1", ids, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                           repetition_penalty=100.0)))
+    assert not set(strict["ids"]) & set(ids) and len(set(strict["ids"])) == 12
+    forced = run(collect(engine, "lb", ids, SamplingParams(max_tokens=4, temperature=0.7, seed=1, ignore_eos=True,
+                                                          logit_bias={42: 100.0}, logprobs=0)))
+    assert forced["ids"] == [42] * 4
+    # Logprobs stay those of the model, before the bias.
+    assert all(lp.logprob < -1 for lp in forced["logprobs"])
+
+
 def test_top_p_from_candidates_equals_full_sort():
     """The candidate shortcut draws what sorting the whole vocabulary draws, and a nucleus wider
     than the candidates still reaches every token in it."""

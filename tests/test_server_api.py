@@ -45,6 +45,28 @@ def test_completion(oai):
     assert by_ids.choices[0].text == c.text
 
 
+def test_sampling_extras_logit_bias_min_p(oai):
+    """OpenAI's logit_bias (string token ids) and vLLM's min_p / repetition_penalty over HTTP."""
+    model = oai.models.list().data[0].id
+    base = str(oai.base_url).replace("/v1/", "")
+    tid = httpx.post(base + "/tokenize", json={"prompt": " Rome", "add_special_tokens": False}).json()["tokens"][-1]
+    r = oai.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logit_bias={str(tid): 100},
+                               extra_body={"ignore_eos": True})
+    assert r.choices[0].text == " Rome" * 3
+    c = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                    logit_bias={str(tid): 100}, extra_body={"ignore_eos": True})
+    assert c.choices[0].message.content == " Rome" * 2
+    # min_p = 1 keeps only the most likely token: seeded sampling at temperature 1 is greedy.
+    greedy = oai.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=0,
+                                    extra_body={"ignore_eos": True}).choices[0].text
+    sampled = oai.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=1.0, seed=7,
+                                     extra_body={"ignore_eos": True, "min_p": 1.0}).choices[0].text
+    assert sampled == greedy
+    penalized = oai.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=0,
+                                       extra_body={"ignore_eos": True, "repetition_penalty": 1.5}).choices[0].text
+    assert penalized != greedy
+
+
 def test_completion_stream_matches_non_stream(oai):
     model = oai.models.list().data[0].id
     full = oai.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0,
