@@ -31,6 +31,7 @@ GATES = ("sum", "scaled", "weighted")
 # Ways to run the experts on a batch (methods of MoEFFN); `tune_dispatch` picks one per batch size.
 # "kernels" needs the per-expert kernels that `pack` builds (see available_paths).
 DISPATCH_PATHS = ("grouped", "looped", "padded", "masked", "gathered", "kernels")
+MAX_PADDING = 3.0  # `padded` holds at most this many rows per (token, expert) pair, else `grouped`
 
 
 class MoEFFN(nn.Module):
@@ -300,13 +301,18 @@ class MoEFFN(nn.Module):
     def padded(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """Each expert's tokens copied into its block of a zero-padded [N, C, H] tensor (C: the
         most tokens any expert got) and two batched matmuls for all experts: a few kernel calls
-        in place of a loop, paid for with padding rows; for batches of a few dozen tokens."""
+        in place of a loop, paid for with padding rows; for batches of a few dozen tokens. When
+        one expert draws so many of the tokens that padding would more than triple the rows,
+        `grouped` (no padding) runs instead: real text routes far less evenly than the random
+        inputs `tune_dispatch` times (docs/results.md, session 14)."""
         N, K = self.num_experts, self.top_k
         flat_idx = idx.flatten()
-        order = flat_idx.argsort(stable=True)
-        expert = flat_idx[order]
         counts = flat_idx.bincount(minlength=N)
         C = int(counts.max())
+        if N * C > MAX_PADDING * flat_idx.numel():
+            return self.grouped(x, idx, weights)
+        order = flat_idx.argsort(stable=True)
+        expert = flat_idx[order]
         # Row of each sorted (token, expert) pair in the padded tensor: its expert's block, then
         # its rank among that expert's pairs.
         slot = expert * C + torch.arange(len(order), device=x.device) - (counts.cumsum(0) - counts)[expert]

@@ -294,8 +294,10 @@ def test_factorize_command_writes_a_loadable_checkpoint(tmp_path, default_model)
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 40])
-def test_dispatch_paths_agree(default_model, tokens):
-    """Every dispatch path computes the same layer output; the plan picks one."""
+def test_dispatch_paths_agree(default_model, tokens, monkeypatch):
+    """Every dispatch path computes the same layer output; the plan picks one; `padded` hands a
+    lopsided routing to `grouped`."""
+    import factorllm.moe
     from factorllm.factorize import factorize_layer
     dense = default_model.model.layers[3].mlp
     factor = FactorConfig(experts=8, top_k=3, partition="contiguous", router_init="random", gate="weighted")
@@ -308,6 +310,8 @@ def test_dispatch_paths_agree(default_model, tokens):
         plan = moe.tune_dispatch(candidates=(1, 8), repeats=2)
         assert [n for n, _ in plan] == [1, 8] and moe.path_for(100) == "grouped"
         outs.append(moe(x))
+        monkeypatch.setattr(factorllm.moe, "MAX_PADDING", 1.0)
+        outs.append(moe.padded(x, idx, w))
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-4, atol=1e-3)
 
