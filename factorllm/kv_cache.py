@@ -115,6 +115,13 @@ class KVCache:
             return self.k[layer, r[0]:r[1], :, :batch.span], self.v[layer, r[0]:r[1], :, :batch.span]
         return self.k[layer, batch.slots, :, :batch.span], self.v[layer, batch.slots, :, :batch.span]
 
+    def swap_slots(self, a: int, b: int, len_a: int, len_b: int) -> None:
+        """Exchange two slots' first positions (`len_a` of a's, `len_b` of b's)."""
+        n = max(len_a, len_b)
+        if n > 0 and a != b:
+            for t in (self.k, self.v):
+                t[:, [a, b], :, :n] = t[:, [b, a], :, :n]
+
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's first `length` positions to another slot (the engine compacts slots)."""
         if length > 0 and src != dst:

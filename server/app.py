@@ -163,7 +163,8 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
         cfg = engine_config or EngineConfig(
             max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
             max_num_batched_tokens=settings.max_num_batched_tokens, device=settings.device,
-            dtype=settings.dtype, quantize=settings.quantize, expert_timing_every=settings.expert_timing_every)
+            dtype=settings.dtype, quantize=settings.quantize, expert_timing_every=settings.expert_timing_every,
+            prefix_caching=settings.prefix_caching == "on")
         t0 = time.perf_counter()
         # Built on a short-lived thread, so that the step thread is the only OpenMP team.
         engine = off_main_thread(lambda: Engine(loaded, cfg))

@@ -23,7 +23,7 @@ log = logging.getLogger("factorllm.serve")
 # flag dest -> settings field (all the same name)
 FIELDS = ("model", "dense", "preset", "experts", "top_k", "top_k_per_layer", "dense_layers", "shared_experts", "partition", "gate", "router_init",
           "seed", "calib", "calib_seqs", "served_model_name", "host", "port", "device", "dtype", "quantize", "max_num_seqs",
-          "max_model_len", "max_num_batched_tokens", "max_queued_requests", "max_body_bytes", "api_key", "cors_origins",
+          "max_model_len", "max_num_batched_tokens", "prefix_caching", "max_queued_requests", "max_body_bytes", "api_key", "cors_origins",
           "shutdown_timeout", "expert_metrics", "expert_timing_every")
 
 
@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-num-seqs", type=int, help="concurrent sequences in a batch (default 16)")
     e.add_argument("--max-model-len", type=int, help="prompt + completion tokens per sequence (default 2048)")
     e.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step (default 2048)")
+    e.add_argument("--prefix-caching", choices=("on", "off"),
+                   help="reuse the keys/values a finished request left for a prompt that starts with the same "
+                        "tokens, e.g. a chat's next turn (default on)")
     e.add_argument("--expert-timing-every", type=int, help="time experts every Nth step (default 16)")
 
 

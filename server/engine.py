@@ -115,6 +115,7 @@ class EngineConfig:
     dtype: str = "auto"                # auto|float32|bfloat16|float16
     expert_timing_every: int = 16      # time experts every Nth step (CUDA events / CPU timers)
     quantize: str = "auto"             # auto|none|int8: int8 weight-only linears (CPU; see resolve_quantization)
+    prefix_caching: bool = True        # free slots keep their keys/values for prompts that share a prefix
 
 
 @dataclass
@@ -159,6 +160,15 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def reuses_cache(self) -> bool:
+        """Prompt log-probabilities need every prompt position computed: no prefix-cache hits."""
+        return self.prompt_logprobs is None
+
+    def cached_ids(self) -> list[int]:
+        """The tokens whose keys and values are in this sequence's cache slot."""
+        return (self.prompt_ids + self.output_ids)[:self.num_computed]
 
     def emit(self, inc: Increment) -> None:
         try:
@@ -286,7 +296,8 @@ class Engine:
             num_slots = self._slots_from_memory(config.kv_cache_memory_fraction)
         self.max_num_seqs = num_slots
         self.cache = KVCache.for_model(self.model, num_slots, self.max_model_len)
-        self.scheduler = Scheduler(num_slots, config.max_num_batched_tokens, self.cache.move_slot)
+        self.scheduler = Scheduler(num_slots, config.max_num_batched_tokens, self.cache.move_slot,
+                                   self.cache.swap_slots if config.prefix_caching else None)
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.seqs: dict[str, Sequence] = {}
         self._lock = threading.Lock()

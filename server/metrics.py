@@ -44,6 +44,8 @@ EXPORTED_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "factorllm_num_requests_running": ("gauge", ()),
     "factorllm_num_requests_waiting": ("gauge", ()),
     "factorllm_kv_cache_usage_ratio": ("gauge", ()),
+    "factorllm_prefix_cache_queries_total": ("counter", ()),
+    "factorllm_prefix_cache_hits_total": ("counter", ()),
     "factorllm_ready": ("gauge", ()),
     "factorllm_prompt_tokens_total": ("counter", ()),
     "factorllm_generation_tokens_total": ("counter", ()),
@@ -87,6 +89,8 @@ def _help(name: str) -> str:
         "factorllm_num_requests_running": "Sequences in the running batch",
         "factorllm_num_requests_waiting": "Sequences waiting to be scheduled",
         "factorllm_kv_cache_usage_ratio": "Fraction of the KV cache in use (1 = full)",
+        "factorllm_prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache",
+        "factorllm_prefix_cache_hits_total": "Prompt tokens found in the prefix cache (their prefill skipped)",
         "factorllm_ready": "1 when the server is loaded, warm and not draining",
         "factorllm_prompt_tokens_total": "Prompt tokens processed",
         "factorllm_generation_tokens_total": "Tokens generated",
@@ -230,6 +234,23 @@ class ExpertStats(Collector):
         return []  # collected lazily; keeps registration from calling collect()
 
 
+class PrefixCacheCounters(Collector):
+    """The engine scheduler's prefix-cache token counters, read when scraped (vLLM's
+    prefix_cache_queries / prefix_cache_hits)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self) -> Iterable:
+        s = self.engine.scheduler
+        for name, value in (("factorllm_prefix_cache_queries_total", s.prefix_queries),
+                            ("factorllm_prefix_cache_hits_total", s.prefix_hits)):
+            yield CounterMetricFamily(_base(name), _help(name), value=float(value))
+
+    def describe(self) -> Iterable:
+        return []
+
+
 class ServerMetrics:
     """All metrics of one app instance."""
 
@@ -278,6 +299,7 @@ class ServerMetrics:
         else:
             self.waiting.set_function(lambda: float(engine.num_waiting + waiting_extra()))
         self.kv_usage.set_function(lambda: float(engine.kv_cache_usage))
+        self.registry.register(PrefixCacheCounters(engine))
 
     def set_model(self, name: str, model, factor, device: str, dtype: str, quantization: str) -> None:
         cfg = model.config

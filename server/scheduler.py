@@ -8,6 +8,11 @@ decodes of the others, and nothing waits for an unrelated request to finish.
 Slots are kept compact: when a sequence leaves, the sequence in the highest slot moves into the
 hole (one copy of its cache). Decoding rows then occupy a contiguous range of slots and the
 attention reads the cache as a view, instead of gathering every row's keys each step.
+
+Prefix caching: a free slot keeps the keys and values of the sequence that left it (compaction
+swaps it to the top rather than overwriting it), until a new sequence needs the slot. A new
+prompt that starts with tokens some free slot holds (a chat's next turn, a shared system prompt)
+takes that slot and skips their prefill.
 """
 from __future__ import annotations
 
@@ -29,21 +34,40 @@ class StepPlan:
         return self.decodes + [s for s, _ in self.prefills]
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Scheduler:
     """Sequences need: `slot`, `num_computed` (tokens in the cache), `prompt_ids`, `num_tokens`
-    (prompt + generated), `finished`."""
+    (prompt + generated), `finished`, `cached_ids()` (the tokens whose keys and values are in its
+    slot) and `reuses_cache` (False where every prompt position must be computed, e.g. for prompt
+    log-probabilities)."""
 
     # A prefill always gets at least this many tokens per step, however many rows decode.
     MIN_PREFILL_CHUNK = 32
+    # Shorter shared prefixes are not worth the copies a slot swap costs.
+    MIN_PREFIX_HIT = 16
 
     def __init__(self, num_slots: int, max_num_batched_tokens: int,
-                 move_slot: Callable[[int, int, int], None]):
+                 move_slot: Callable[[int, int, int], None],
+                 swap_slots: Callable[[int, int, int, int], None] | None = None):
+        """`move_slot(src, dst, length)` copies a slot's first positions; `swap_slots(a, b,
+        len_a, len_b)` exchanges two slots' contents (None: no prefix caching)."""
         self.num_slots = num_slots
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.move_slot = move_slot
+        self.move_slot, self.swap_slots = move_slot, swap_slots
         self.waiting: deque = deque()
         self.running: list = []        # admitted, in admission order
         self.owner: list = [None] * num_slots
+        self.cached: dict[int, list[int]] = {}  # free slot -> the token ids whose keys/values it holds
+        self.prefix_queries = 0        # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0           # of them, found there (their prefill skipped)
 
     @property
     def num_free_slots(self) -> int:
@@ -57,6 +81,8 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self.owner[seq.slot] = None
+            if self.swap_slots is not None and seq.num_computed > 0:
+                self.cached[seq.slot] = seq.cached_ids()
             seq.slot = None
         else:
             try:
@@ -71,8 +97,37 @@ class Scheduler:
         for dst in holes:
             src = max(s for s in range(n, self.num_slots) if self.owner[s] is not None)
             seq = self.owner[src]
-            self.move_slot(src, dst, seq.num_computed)
+            left = self.cached.pop(dst, None)
+            if left is None:
+                self.move_slot(src, dst, seq.num_computed)
+            else:  # keep what the leaving sequence computed, now in the vacated top slot
+                self.swap_slots(src, dst, seq.num_computed, len(left))
+                self.cached[src] = left
             self.owner[dst], self.owner[src], seq.slot = seq, None, dst
+
+    def _reuse_prefix(self, seq, slot: int) -> None:
+        """Before `seq` takes free `slot`: bring the free slot holding the longest prefix of its
+        prompt there and count those tokens computed (all but the last prompt token, whose
+        logits the first sampled token needs)."""
+        prompt = seq.prompt_ids
+        self.prefix_queries += len(prompt)
+        best, hit = None, 0
+        if seq.reuses_cache:
+            for s, ids in self.cached.items():
+                n = min(common_prefix(ids, prompt), len(prompt) - 1)
+                if n > hit:
+                    best, hit = s, n
+        if best is None or hit < self.MIN_PREFIX_HIT:
+            self.cached.pop(slot, None)  # overwritten by this prefill
+            return
+        ids = self.cached.pop(best)
+        if best != slot:
+            other = self.cached.pop(slot, None)
+            self.swap_slots(best, slot, len(ids), len(other) if other else 0)
+            if other is not None:
+                self.cached[best] = other
+        seq.num_computed = hit
+        self.prefix_hits += hit
 
     def schedule(self) -> StepPlan:
         self.compact()
@@ -92,9 +147,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.num_slots:
             seq = self.waiting.popleft()
             seq.slot = len(self.running)   # compact: the first free slot
+            self._reuse_prefix(seq, seq.slot)
             self.owner[seq.slot] = seq
             self.running.append(seq)
-            n = min(len(seq.prompt_ids), budget)
+            n = min(len(seq.prompt_ids) - seq.num_computed, budget)
             plan.prefills.append((seq, n))
             budget -= n
         return plan

@@ -47,6 +47,8 @@ class ServerSettings(BaseSettings):
     max_num_seqs: int = Field(16, ge=1)
     max_model_len: int = Field(2048, ge=16)
     max_num_batched_tokens: int = Field(2048, ge=16)
+    prefix_caching: Literal["on", "off"] = Field(
+        "on", description="free cache slots keep their keys/values for later prompts that share a prefix")
 
     # limits and behaviour
     max_queued_requests: int = Field(64, ge=0, description="waiting sequences beyond max_num_seqs before 429")

@@ -92,6 +92,43 @@ def test_same_tokens_alone_and_batched(engine, default_model):
     assert engine.num_free_slots == engine.max_num_seqs
 
 
+def test_prefix_cache_skips_a_finished_conversation(engine, default_model):
+    """A chat's next turn (the earlier prompt + answer + a new message) reuses the keys and values
+    its first turn left in a free slot, also after compaction moved them, and gets exactly the
+    tokens and log-probabilities of an engine without prefix caching."""
+    turns = [chat(default_model, q) for q in ("Name a French city.", "What is 2 + 2?", "Say hello.")]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (6, 20, 30)]
+
+    async def first_turns():  # the shortest leaves slot 0 first: compaction swaps it to the top
+        return await asyncio.gather(*[collect(engine, f"pc{i}", t, p) for i, (t, p) in enumerate(zip(turns, params))])
+    swaps, swap = [], engine.scheduler.swap_slots
+    engine.scheduler.swap_slots = lambda *a: (swaps.append(a), swap(*a))
+    try:
+        answers = run(first_turns())
+        follow = turns[0] + answers[0]["ids"] + encode(default_model, " And a German one?")
+        later = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+        hits, queries = engine.scheduler.prefix_hits, engine.scheduler.prefix_queries
+        got = run(collect(engine, "pc-next", follow, later))
+    finally:
+        engine.scheduler.swap_slots = swap
+    assert len(swaps) >= 2  # compaction kept the first turn, admission brought it back
+    assert engine.scheduler.prefix_hits - hits == len(turns[0]) + 5  # all that turn computed
+    assert engine.scheduler.prefix_queries - queries == len(follow)
+    fresh = make_engine(default_model, prefix_caching=False)
+    try:
+        ref = run(collect(fresh, "ref", follow, later))
+        assert fresh.scheduler.prefix_hits == 0
+    finally:
+        run(fresh.stop())
+    assert got["ids"] == ref["ids"]
+    for a, b in zip(got["logprobs"], ref["logprobs"]):
+        assert abs(a.logprob - b.logprob) < 1e-3
+    # Prompt log-probabilities need every position: no hit.
+    hits = engine.scheduler.prefix_hits
+    echo = run(collect(engine, "pc-echo", follow, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)))
+    assert engine.scheduler.prefix_hits == hits and len(echo["prompt_logprobs"]) == len(follow)
+
+
 def test_prefill_padding_is_bounded():
     """Short prompts never run padded to a long one's length; no forward pads beyond 2x."""
     chunks = [(f"s{i}", n) for i, n in enumerate([10, 500, 7, 260, 12, 1, 130, 9, 255])]

@@ -82,6 +82,24 @@ def test_metrics_exposition(served):
         assert "error" not in proc.stderr.lower(), proc.stderr
 
 
+def test_prefix_cache_counters_and_layer_tokens(served):
+    """A prompt that starts with an earlier request's prompt skips its prefill: the hit counter
+    grows by those tokens and the MoE layers see only the rest."""
+    story = "Once upon a time, in a village by the sea, there lived an old fisherman who"
+    first = _complete(served, prompt=story, max_tokens=8)
+    before = _scrape(served.url)
+    second = _complete(served, prompt=story + " Zebra crossing", max_tokens=4)
+    after = _scrape(served.url)
+
+    def delta(name, labels=None):
+        pick = lambda m: sum(v for lab, v in m.get(name, []) if labels is None or lab == labels)
+        return pick(after) - pick(before)
+    n, hits = second["usage"]["prompt_tokens"], first["usage"]["prompt_tokens"]
+    assert delta("factorllm_prefix_cache_queries_total") == n
+    assert delta("factorllm_prefix_cache_hits_total") == hits
+    assert delta("factorllm_layer_tokens_total", {"layer": "0"}) == n - hits + 3
+
+
 def test_return_routing(served):
     """Opt-in routing trace: per layer, how many of this request's tokens each expert served."""
     r = _complete(served, prompt="Paris is the capital of", max_tokens=6, return_routing=True)
