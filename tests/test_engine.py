@@ -524,6 +524,15 @@ def test_decode_profile_benchmark_runs(tmp_path):
     assert any("[3, 576]" in o["op"] or "[3, 1, 576]" in o["op"] for o in rows[1]["top_ops"])
 
 
+def test_prefix_cache_benchmark_runs(tmp_path):
+    """benchmarks/prefix_cache.py: a next turn timed with and without prefix caching, as JSON."""
+    mod = benchmark("prefix_cache")
+    out = tmp_path / "pc.json"
+    assert mod.main(["--history", "48", "--repeats", "1", "--dtype", "float32", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["history_tokens"] == 48 and row["hit_tokens_so_far"] >= 48 and row["ttft_cached_ms"] > 0
+
+
 def test_sampler_benchmark_runs(tmp_path):
     """benchmarks/sampler.py on real logits: both methods timed for every setting, as JSON."""
     mod = benchmark("sampler")
