@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from factorllm.device import off_main_thread  # noqa: E402
 from factorllm.kv_cache import CacheBatch  # noqa: E402
-from factorllm.loading import load_model  # noqa: E402
-from factorllm.pipeline import cached_factorized, factor_config_from  # noqa: E402
+from student import add_model_or_preset_arguments, load_model_or_preset  # noqa: E402
 from server.engine import Engine, EngineConfig  # noqa: E402
 
 
@@ -72,8 +71,7 @@ def profile_batch(engine: Engine, B: int, context: int, steps: int, top: int, sh
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default")
-    p.add_argument("--preset", choices=("quality", "fast"), help="profile a factorized preset instead of dense")
+    add_model_or_preset_arguments(p)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--context", type=int, default=100, help="cached positions per row")
     p.add_argument("--max-model-len", type=int, default=2048, help="positions per cache row (the server's default)")
@@ -87,8 +85,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = (cached_factorized(args.model, factor_config_from(args.preset)) if args.preset
-              else load_model(args.model))
+    loaded = load_model_or_preset(args)
     engine = Engine(loaded, EngineConfig(max_num_seqs=max(args.batch), dtype=args.dtype, quantize=args.quantize,
                                          max_model_len=max(args.max_model_len, args.context + 16)))
     engine.warm_up()  # MoE dispatch tuning, as the server's start-up does

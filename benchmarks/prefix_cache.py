@@ -22,8 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from factorllm.loading import load_model  # noqa: E402
-from factorllm.pipeline import cached_factorized, factor_config_from  # noqa: E402
+from student import add_model_or_preset_arguments, load_model_or_preset  # noqa: E402
 from server.engine import Engine, EngineConfig, EngineRequest, SamplingParams  # noqa: E402
 
 
@@ -52,8 +51,7 @@ async def measure(engines: dict[str, Engine], text_ids: list[int], question: lis
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default")
-    p.add_argument("--preset", choices=("quality", "fast"), help="a factorized preset instead of the dense model")
+    add_model_or_preset_arguments(p)
     p.add_argument("--history", type=int, nargs="+", default=[128, 512, 1024])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -62,8 +60,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = (cached_factorized(args.model, factor_config_from(args.preset)) if args.preset
-              else load_model(args.model))
+    loaded = load_model_or_preset(args)
     tok = loaded.tokenizer
     text_ids = tok((Path(__file__).resolve().parents[1] / "README.md").read_text())["input_ids"]
     question = tok(" Can you say that again, more briefly and in plain words, please?")["input_ids"][:20]

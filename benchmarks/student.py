@@ -1,4 +1,5 @@
-"""The factorized model a benchmark measures: a checkpoint (--model) or a preset's cached build (--preset)."""
+"""The model a benchmark measures: a factorized checkpoint (--model) or a preset's cached build
+(--preset), or for engine benchmarks a dense source unless --preset is given."""
 from __future__ import annotations
 
 import argparse
@@ -24,3 +25,12 @@ def load_student(p: argparse.ArgumentParser, args: argparse.Namespace) -> Loaded
     if student.factor is None:
         p.error(f"{args.model} is not a factorized checkpoint")
     return student
+
+
+def add_model_or_preset_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="the dense model (or any source load_model takes)")
+    p.add_argument("--preset", choices=("quality", "fast"), help="the preset's cached build of --model instead")
+
+
+def load_model_or_preset(args: argparse.Namespace) -> LoadedModel:
+    return cached_factorized(args.model, factor_config_from(args.preset)) if args.preset else load_model(args.model)

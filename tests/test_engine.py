@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -503,8 +504,11 @@ def test_bf16_cached_decode_matches_full_forward(fresh_default_model, sample_tok
 
 
 def benchmark(name: str):
-    """A script under benchmarks/ as a module (the directory is no package)."""
+    """A script under benchmarks/ as a module (the directory is no package; its scripts import each
+    other as run from there)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
