@@ -163,8 +163,9 @@ class Sequence:
 
     @property
     def reuses_cache(self) -> bool:
-        """Prompt log-probabilities need every prompt position computed: no prefix-cache hits."""
-        return self.prompt_logprobs is None
+        """Prompt log-probabilities and routing traces cover every prompt position: such
+        requests compute them all (no prefix-cache hits)."""
+        return self.prompt_logprobs is None and not self.params.return_routing
 
     def cached_ids(self) -> list[int]:
         """The tokens whose keys and values are in this sequence's cache slot."""

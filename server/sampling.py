@@ -1,11 +1,11 @@
 """Per-request sampling over a step's batched logits.
 
 One call handles every row that finished a forward pass this step: logit bias, penalties,
-temperature, min-p, top-k, top-p (vLLM's order) and a draw from each request's own `torch.Generator` (so a seeded request gives
-the same text alone or batched), plus log-probabilities. Rows are processed together where the
-operation is row-independent; only the random draws are per row (one scalar per request).
-Log-probabilities are those of the model's distribution (raw logits, before temperature and
-penalties), as in OpenAI's API.
+temperature, min-p, top-k, top-p (vLLM's order) and a draw from each request's own
+`torch.Generator` (so a seeded request gives the same text alone or batched), plus
+log-probabilities. Rows are processed together where the operation is row-independent; only the
+random draws are per row (one scalar per request). Log-probabilities are those of the model's
+distribution (raw logits, before bias, penalties and temperature), as in OpenAI's API.
 """
 from __future__ import annotations
 

@@ -109,6 +109,8 @@ class Scheduler:
         """Before `seq` takes free `slot`: bring the free slot holding the longest prefix of its
         prompt there and count those tokens computed (all but the last prompt token, whose
         logits the first sampled token needs)."""
+        if self.swap_slots is None:  # prefix caching off
+            return
         prompt = seq.prompt_ids
         self.prefix_queries += len(prompt)
         best, hit = None, 0
