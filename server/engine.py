@@ -620,7 +620,7 @@ class Engine:
         if not rows:
             return [], []
         specs = [self._sample_row(s) for s in rows]
-        # sample() edits logits in place only for penalties and banned ids; logprobs need them raw.
+        # sample() edits logits in place only for rows that `edits_logits`; logprobs need them raw.
         edits = any(r.edits_logits for r in specs)
         try:
             ids = sample(logits.clone() if edits else logits, specs)
