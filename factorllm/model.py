@@ -8,8 +8,8 @@ that the engine can batch sequences of different lengths and positions in one ca
 from __future__ import annotations
 
 import math
-from typing import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -31,7 +31,10 @@ GATES = ("sum", "scaled", "weighted")
 # Ways to run the experts on a batch (methods of MoEFFN); `tune_dispatch` picks one per batch size.
 # "kernels" needs the per-expert kernels that `pack` builds (see available_paths).
 DISPATCH_PATHS = ("grouped", "looped", "padded", "masked", "gathered", "kernels")
-MAX_PADDING = 3.0  # `padded` holds at most this many rows per (token, expert) pair, else `grouped`
+# A plan's `padded` gives way to `grouped` when padding would exceed this many rows per (token,
+# expert) pair: real text routes far less evenly than the random inputs tune_dispatch times
+# (docs/results.md, session 14).
+MAX_PADDING = 3.0
 
 
 class MoEFFN(nn.Module):
@@ -196,6 +199,8 @@ class MoEFFN(nn.Module):
             path = "masked"
         else:
             path = self.path_for(flat.shape[0])
+            if path == "padded" and self.padding_ratio(idx) > MAX_PADDING:
+                path = "grouped"
         return self.run_path(path, flat, idx, weights).view(shape)
 
     def run_path(self, path: str, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -224,6 +229,10 @@ class MoEFFN(nn.Module):
         if not 1 <= top_k <= self.num_experts:
             raise ValueError(f"top_k must be in [1, {self.num_experts}], got {top_k}")
         self.top_k, self.dispatch_plan = top_k, []
+
+    def padding_ratio(self, idx: torch.Tensor) -> float:
+        """Rows of `padded`'s [N, C, H] tensor per (token, expert) pair of this routing."""
+        return self.num_experts * int(idx.flatten().bincount(minlength=self.num_experts).max()) / idx.numel()
 
     def path_for(self, tokens: int) -> str:
         if self.keeps_every_expert:
@@ -301,18 +310,14 @@ class MoEFFN(nn.Module):
     def padded(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """Each expert's tokens copied into its block of a zero-padded [N, C, H] tensor (C: the
         most tokens any expert got) and two batched matmuls for all experts: a few kernel calls
-        in place of a loop, paid for with padding rows; for batches of a few dozen tokens. When
-        one expert draws so many of the tokens that padding would more than triple the rows,
-        `grouped` (no padding) runs instead: real text routes far less evenly than the random
-        inputs `tune_dispatch` times (docs/results.md, session 14)."""
+        in place of a loop, paid for with padding rows (see `padding_ratio`); for batches of a few
+        dozen tokens."""
         N, K = self.num_experts, self.top_k
         flat_idx = idx.flatten()
-        counts = flat_idx.bincount(minlength=N)
-        C = int(counts.max())
-        if N * C > MAX_PADDING * flat_idx.numel():
-            return self.grouped(x, idx, weights)
         order = flat_idx.argsort(stable=True)
         expert = flat_idx[order]
+        counts = flat_idx.bincount(minlength=N)
+        C = int(counts.max())
         # Row of each sorted (token, expert) pair in the padded tensor: its expert's block, then
         # its rank among that expert's pairs.
         slot = expert * C + torch.arange(len(order), device=x.device) - (counts.cumsum(0) - counts)[expert]

@@ -210,8 +210,8 @@ def prepacked(weight: torch.Tensor, batch_hint: int, bias: torch.Tensor | None =
 
 def prepack_bf16_linears(root: torch.nn.Module, batch_hint: int) -> bool:
     """Every bf16 nn.Linear under `root` (fp32 ones, such as the engine's routers, stay) becomes a
-    `KernelLinear` over `prepacked`: ~1.5x faster for the output projection (the largest matmul of a decode step)
-    and ~1.7x for the small per-layer matmuls at batch 1; MoE layers get the same kernels for
+    `KernelLinear` over `prepacked`: ~1.5x faster for the output projection (the largest matmul of
+    a decode step) and ~1.7x for the small per-layer matmuls at batch 1; MoE layers get the same kernels for
     their masked path (`MoEFFN.pack`). Returns False, with plain linears left, on builds without
     these oneDNN ops."""
     try:

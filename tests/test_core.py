@@ -295,8 +295,8 @@ def test_factorize_command_writes_a_loadable_checkpoint(tmp_path, default_model)
 
 @pytest.mark.parametrize("tokens", [1, 5, 40])
 def test_dispatch_paths_agree(default_model, tokens, monkeypatch):
-    """Every dispatch path computes the same layer output; the plan picks one; `padded` hands a
-    lopsided routing to `grouped`."""
+    """Every dispatch path computes the same layer output; the plan picks one; a plan's `padded`
+    hands a lopsided routing to `grouped`."""
     import factorllm.moe
     from factorllm.factorize import factorize_layer
     dense = default_model.model.layers[3].mlp
@@ -310,8 +310,10 @@ def test_dispatch_paths_agree(default_model, tokens, monkeypatch):
         plan = moe.tune_dispatch(candidates=(1, 8), repeats=2)
         assert [n for n, _ in plan] == [1, 8] and moe.path_for(100) == "grouped"
         outs.append(moe(x))
+        moe.dispatch_plan = [(tokens, "padded")]
         monkeypatch.setattr(factorllm.moe, "MAX_PADDING", 1.0)
-        outs.append(moe.padded(x, idx, w))
+        assert moe.padding_ratio(idx) > 1.0
+        outs.append(moe(x))
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-4, atol=1e-3)
 
