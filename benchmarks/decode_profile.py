@@ -2,7 +2,7 @@
 
     python benchmarks/decode_profile.py [--batch 1 16] [--preset fast] [--threads 2] [--quantize none] [--shapes]
 
-Builds the engine's model (fused projections, prepacked bf16 linears on CPU), fills B cache rows
+Builds the engine's model (fused projections, prepacked oneDNN linears on CPU), fills B cache rows
 (of --max-model-len positions, as the server allocates them) to --context positions, times --steps
 decode steps (median) and profiles them; prints, per batch size, the step time and the ops with
 the most self time (with --shapes: per op and input shapes), and writes JSON.

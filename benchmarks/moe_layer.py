@@ -22,9 +22,9 @@ import torch
 
 from factorllm.factor_config import FactorConfig
 from factorllm.factorize import factorize_layer
+from factorllm.kernels import prepack_linears
 from factorllm.model import GatedMLP
 from factorllm.moe import DISPATCH_PATHS as PATHS
-from server.engine import prepack_bf16_linears
 
 WARM_CALLS = 3
 
@@ -63,10 +63,9 @@ def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: 
         dense = copy.deepcopy(base).to(dtype)
         dense.fuse()  # one matmul for gate and up, as in the engine
         moe.collect_stats = False
-        if dtype == torch.bfloat16:  # as the engine runs them: fp32 router, prepacked oneDNN linears
-            moe.router.float()
-            prepack_bf16_linears(dense, 64)
-            prepack_bf16_linears(moe, 64)
+        moe.router.float()  # as the engine runs them: fp32 router, prepacked oneDNN linears
+        prepack_linears(dense, 64)
+        prepack_linears(moe, 64)
         moe.tune_dispatch()
         paths = list(moe.available_paths)
         for t in sorted(tokens):

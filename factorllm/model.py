@@ -168,7 +168,7 @@ def fused_linear(*parts: nn.Linear) -> nn.Linear:
 
 class KernelLinear(nn.Module):
     """An nn.Linear run through another kernel, `kernel(x)` = x @ weight.T (+ bias): the engine's
-    prepacked oneDNN bf16 linears, int8 weights (factorllm/quantize.py). Keeps the original module
+    prepacked oneDNN linears (factorllm/kernels.py), int8 weights (factorllm/quantize.py). Keeps the original module
     (parameters, state_dict)."""
 
     def __init__(self, plain: nn.Linear, kernel: Callable[[torch.Tensor], torch.Tensor]):

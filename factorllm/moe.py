@@ -102,8 +102,9 @@ class MoEFFN(nn.Module):
     def pack(self, kernel: Callable[[torch.Tensor], Callable] | None,
              down_kernel: Callable[[torch.Tensor], Callable] | None = None) -> None:
         """Inference engines: run the masked path's two matmuls through `kernel(weight [out, in])`,
-        a callable computing x @ weight.T (the engine's prepacked oneDNN bf16 linears, ~1.3-1.9x
-        faster than plain bf16 matmuls at decode sizes); None goes back to plain matmuls. Shared
+        a callable computing x @ weight.T (the engine's prepacked oneDNN linears,
+        factorllm/kernels.py, ~1.3-1.9x faster than plain matmuls at decode sizes); None goes back
+        to plain matmuls. Shared
         neurons that form whole expert-sized groups join as always-on experts, so that the masked
         path is one matmul pair, the dense FFN's. Each routed expert also gets its own kernel pair,
         for the `kernels` path (`use_plan` lets them go if the plan never takes it). `down_kernel`

@@ -7,8 +7,8 @@ place (perplexity of the default model on 4,096 WikiText-2 tokens 1.002x of fp32
 docs/results.md), and gives each linear two ways to run over the same rounded values:
   * up to `crossover` rows, torch's int8 weight-only kernel (`aten._weight_int8pack_mm`,
     vectorized for bf16 activations): a quarter of the fp32 bytes;
-  * more rows, the fp32 matmul over the rounded weight: there the matmul is compute-bound and
-    MKL's fp32 GEMM beats the int8 kernel.
+  * more rows, the fp32 matmul over the rounded weight (prepacked oneDNN, factorllm/kernels.py):
+    there the matmul is compute-bound and the fp32 GEMM beats the int8 kernel.
 The crossover is measured per weight shape when the model is quantized. Routers stay fp32 (and
 unrounded): their choices should not hinge on rounding. MoE experts are rounded with the row layout
 the masked dispatch path packs them in (see `quantize_moe_`): every dispatch path computes with
@@ -17,11 +17,13 @@ the same values, and each expert's own kernels (the `kernels` path) are int8 too
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import prepacked
 from .model import KernelLinear
 from .moe import MoEFFN
 
@@ -57,23 +59,33 @@ def int8_matmul(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch
     return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scales).to(x.dtype)
 
 
-def bf16_rounded_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """What `int8_matmul` computes, by the fp32 matmul over the rounded weight: activations and
-    result rounded to bf16 alike, so that a sequence's tokens do not depend on how many rows
+def fp32_matmul(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x @ weight.T by the fastest fp32 kernel this build has: prepacked oneDNN, else F.linear."""
+    try:
+        return prepacked(weight, max(CROSSOVER_CANDIDATES))
+    except Exception:  # builds without the oneDNN ops
+        return lambda x: F.linear(x, weight)
+
+
+def bf16_rounded_matmul(matmul: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """What `int8_matmul` computes, by `matmul` (`fp32_matmul` over the rounded weight): activations
+    and result rounded to bf16 alike, so that a sequence's tokens do not depend on how many rows
     share its step (beyond fp32 summation order)."""
-    y = F.linear(x.to(torch.bfloat16).to(x.dtype), weight)
+    y = matmul(x.to(torch.bfloat16).to(x.dtype))
     return y.to(torch.bfloat16).to(x.dtype)
 
 
-def measure_crossover(weight: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, repeats: int = 7) -> int:
-    """The most rows at which the int8 kernel still beats the fp32 matmul on this weight (0: never).
-    Both run in turns and each keeps its least disturbed time, as MoEFFN.tune_dispatch does."""
+def measure_crossover(matmul: Callable[[torch.Tensor], torch.Tensor], q: torch.Tensor, scales: torch.Tensor,
+                      repeats: int = 7) -> int:
+    """The most rows at which the int8 kernel still beats the fp32 `matmul` over the same weight
+    (0: never). Both run in turns and each keeps its least disturbed time, as
+    MoEFFN.tune_dispatch does."""
     crossover = 0
     for n in CROSSOVER_CANDIDATES:
-        x = torch.randn(n, weight.shape[1], dtype=weight.dtype)
+        x = torch.randn(n, q.shape[1])
         best = [float("inf"), float("inf")]
         for i in range(repeats + 1):  # the first round warms up
-            for j, run in enumerate((lambda: bf16_rounded_matmul(weight, x), lambda: int8_matmul(q, scales, x))):
+            for j, run in enumerate((lambda: bf16_rounded_matmul(matmul, x), lambda: int8_matmul(q, scales, x))):
                 t0 = time.perf_counter()
                 run()
                 if i:
@@ -93,9 +105,10 @@ class Int8Kernel:
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.q, self.scales = int8_rows(self.weight, scales)
+        self.matmul = fp32_matmul(self.weight)
         key = tuple(self.weight.shape)
         if key not in crossovers:
-            crossovers[key] = measure_crossover(self.weight, self.q, self.scales)
+            crossovers[key] = measure_crossover(self.matmul, self.q, self.scales)
         self.crossover = crossovers[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +117,7 @@ class Int8Kernel:
         if flat.shape[0] <= self.crossover:
             y = int8_matmul(self.q, self.scales, flat)
         else:
-            y = bf16_rounded_matmul(self.weight, flat)
+            y = bf16_rounded_matmul(self.matmul, flat)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], y.shape[-1])

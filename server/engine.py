@@ -10,8 +10,9 @@ detokenization) ends only that request with finish_reason "error".
 
 Device and dtype: "auto" picks CUDA when available. dtype "auto" is bf16 on CUDA and on CPUs
 with native bf16 dot products (AVX512-BF16/AMX): there a decode step at 32 sequences measured
-104 ms in bf16 (prepacked oneDNN linears, see `prepacked`) against 195 ms in fp32 on this
-2-core EPYC. On CPUs without native bf16 `quantize` "auto" runs fp32 activations over int8
+104 ms in bf16 against 195 ms in fp32 on this 2-core EPYC. On CPU every linear but the MoE
+routers runs prepacked through oneDNN (factorllm/kernels.py), fp32 included: on an AVX2 EPYC,
+where MKL is slow at decode-sized row counts, a dense fp32 step ran 1.2-1.4x faster so. On CPUs without native bf16 `quantize` "auto" runs fp32 activations over int8
 weights instead (factorllm/quantize.py): a quarter of the bytes a decode step reads (dense 1.7x
 faster than fp32 at one sequence on an AVX2 EPYC, perplexity 1.002x; docs/results.md). fp32 with
 the weights as loaded (dtype "float32") is the exactness reference (the tests use it).
@@ -34,11 +35,10 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import torch
-import torch.nn.functional as F
 
 from factorllm.device import int8_dtype, resolve_device, resolve_dtype, resolve_quantization
+from factorllm.kernels import prepack_linears
 from factorllm.kv_cache import CacheBatch, KVCache
-from factorllm.model import KernelLinear
 from factorllm.moe import MoEFFN
 from factorllm.quantize import quantize_int8
 
@@ -191,49 +191,6 @@ class Sequence:
                          self.first_token_time, self.finish_time)
 
 
-def prepacked(weight: torch.Tensor, batch_hint: int, bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x @ weight.T (+ bias) through oneDNN, the bf16 weight reordered once for its matmul kernel
-    (CPU); checked once against F.linear."""
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
-    bias = None if bias is None else bias.detach()
-
-    def linear(x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), packed, bias, "none", [], "")
-        return y.view(*shape[:-1], y.shape[-1])
-    x = torch.randn(3, weight.shape[1], dtype=weight.dtype)
-    with torch.inference_mode():
-        if not torch.allclose(linear(x).float(), F.linear(x, weight, bias).float(), atol=1e-2, rtol=1e-2):
-            raise RuntimeError("prepacked linear disagrees with F.linear")
-    return linear
-
-
-def prepack_bf16_linears(root: torch.nn.Module, batch_hint: int) -> bool:
-    """Every bf16 nn.Linear under `root` (fp32 ones, such as the engine's routers, stay) becomes a
-    `KernelLinear` over `prepacked`: ~1.5x faster for the output projection (the largest matmul of
-    a decode step) and ~1.7x for the small per-layer matmuls at batch 1; MoE layers get the same kernels for
-    their masked path (`MoEFFN.pack`). Returns False, with plain linears left, on builds without
-    these oneDNN ops."""
-    try:
-        for parent in list(root.modules()):
-            for name, child in list(parent.named_children()):
-                if (type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16
-                        and name not in getattr(parent, "fused_away", ())):
-                    setattr(parent, name, KernelLinear(child, prepacked(child.weight, batch_hint, child.bias)))
-            if isinstance(parent, MoEFFN):
-                parent.pack(lambda w: prepacked(w, batch_hint))
-        return True
-    except Exception as e:  # builds without oneDNN or with another op signature: plain linears
-        log.info("no prepacked bf16 linears (%s)", e)
-        for parent in list(root.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, KernelLinear):
-                    setattr(parent, name, child.plain)
-            if isinstance(parent, MoEFFN):
-                parent.pack(None)
-        return False
-
-
 def available_host_memory() -> int:
     try:
         import psutil
@@ -269,12 +226,13 @@ class Engine:
         self.model_name = loaded.name
         self.device = resolve_device(config.device)
         self.quantize = resolve_quantization(config.quantize, config.dtype, self.device)
-        model = loaded.model
         if self.quantize == "int8":
             self.dtype = int8_dtype(config.dtype, self.device)
-            model = copy.deepcopy(model)  # rounding is in place; the caller's model stays as loaded
         else:
             self.dtype = resolve_dtype(config.dtype, self.device)
+        model = loaded.model
+        if self.device.type == "cpu":  # int8 rounding and prepacked kernels rewrite the model in place:
+            model = copy.deepcopy(model)  # the caller's stays as loaded (other engines, evaluation)
         self.model = model.to(device=self.device, dtype=self.dtype).eval().fuse()
         self.moes: list[MoEFFN] = [m for m in self.model.modules() if isinstance(m, MoEFFN)]
         for m in self.moes:
@@ -290,8 +248,8 @@ class Engine:
         if self.quantize == "int8":
             crossovers = quantize_int8(self.model)
             log.info("int8 weights; int8 kernel up to these rows per weight shape: %s", crossovers)
-        elif self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            prepack_bf16_linears(self.model, config.max_num_seqs)
+        elif self.device.type == "cpu":
+            prepack_linears(self.model, config.max_num_seqs)
         num_slots = config.max_num_seqs
         if config.kv_cache_memory_fraction is not None:
             num_slots = self._slots_from_memory(config.kv_cache_memory_fraction)

@@ -44,7 +44,7 @@ def make_engine(loaded, **kw) -> Engine:
 
 @pytest.fixture(scope="module")
 def engine(default_model):
-    engine = make_engine(default_model)  # fp32 on CPU: moving the model is a no-op
+    engine = make_engine(default_model)  # fp32 on CPU: the exactness reference
     yield engine
     run(engine.stop())
 
@@ -214,6 +214,7 @@ def test_bf16_engine_keeps_routers_fp32(default_model, fresh_default_model, samp
     bf16 = make_engine(fresh_default_model, max_num_seqs=2, max_model_len=128, dtype="bfloat16")
     try:
         assert all(m.router.weight.dtype == torch.float32 for m in bf16.moes)
+        moe = bf16.model.layers[3].mlp
         assert moe.experts_gate.dtype == torch.bfloat16
         with torch.inference_mode():
             _, idx, _ = moe.route(x.bfloat16())
@@ -437,7 +438,7 @@ def test_packed_masked_path_matches_plain(default_model, gate):
     each chosen expert through its own kernels) compute the layer the plain paths compute."""
     from factorllm.factor_config import FactorConfig
     from factorllm.factorize import factorize_layer
-    from server.engine import prepacked
+    from factorllm.kernels import prepacked
     dense = default_model.model.layers[5].mlp
     factor = FactorConfig(experts=28, shared_experts=4, top_k=4, partition="contiguous", router_init="random", gate=gate)
     factor.validate(dense.gate_proj.out_features)
