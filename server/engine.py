@@ -232,8 +232,15 @@ class Engine:
         else:
             self.dtype = resolve_dtype(config.dtype, self.device)
         model = loaded.model
-        if self.device.type == "cpu":  # int8 rounding and prepacked kernels rewrite the model in place:
-            model = copy.deepcopy(model)  # the caller's stays as loaded (other engines, evaluation)
+        if self.device.type == "cpu":
+            # int8 rounding and prepacked kernels rewrite the model: the engine works on its own
+            # copy, so that the caller's stays as loaded (other engines, evaluation). Where no
+            # weight changes value or dtype, the copy shares the caller's weights, fused in place
+            # (the parts become views of the fused weights: same values, same state_dict).
+            if self.quantize == "int8" or any(p.dtype != self.dtype for p in model.parameters()):
+                model = copy.deepcopy(model)
+            else:
+                model = copy.deepcopy(model.fuse(), {id(p): p for p in model.parameters()})
         self.model = model.to(device=self.device, dtype=self.dtype).eval().fuse()
         self.moes: list[MoEFFN] = [m for m in self.model.modules() if isinstance(m, MoEFFN)]
         for m in self.moes:

@@ -141,6 +141,21 @@ def test_prefill_padding_is_bounded():
     assert [[n for _, n in g] for g in groups] == [[500, 260, 255], [130], [12, 10, 9, 7], [1]]
 
 
+def test_engine_leaves_the_callers_model_as_loaded(engine, default_model, sample_tokens):
+    """The engine prepacks its linears (CPU) on its own copy of the model: the caller's modules
+    stay plain and compute what they computed, while an fp32 copy shares the caller's weights
+    instead of duplicating them."""
+    from factorllm.model import KernelLinear
+    assert isinstance(engine.model.lm_head, KernelLinear)
+    assert type(default_model.model.lm_head) is torch.nn.Linear
+    assert not any(isinstance(m, KernelLinear) for m in default_model.model.modules())
+    engine_layer, caller_layer = engine.model.layers[0].self_attn, default_model.model.layers[0].self_attn
+    assert engine_layer is not caller_layer
+    assert engine_layer.qkv_proj.weight.data_ptr() == caller_layer.qkv_proj.weight.data_ptr()
+    with torch.inference_mode():
+        torch.testing.assert_close(engine.model(sample_tokens), default_model.model(sample_tokens), rtol=1e-4, atol=1e-3)
+
+
 def test_abort_frees_slot_at_once(engine, default_model):
     ids = encode(default_model, PROMPTS[0])
 
