@@ -6,7 +6,7 @@ that each call skips the packing a plain `F.linear` redoes. Measured at the defa
     per-layer matmuls at one sequence than plain bf16 matmuls;
   * fp32 on an AVX2-only AMD EPYC, where MKL's GEMM is slow for decode-sized row counts: the LM
     head 49,152 x 576 at 4 / 16 / 64 rows 5.4 / 9.7 / 27 ms against MKL's 19 / 25 / 42 ms, a whole
-    dense decode step 1.3x / 1.5x / 1.15x faster at 1 / 16 / 64 sequences (docs/results.md).
+    dense decode step 1.2x / 1.4x / 1.2x faster at 1 / 16 / 64 sequences (docs/results.md).
 Routers stay plain: their small fp32 matmul is faster as an sgemv than through oneDNN's set-up.
 """
 from __future__ import annotations
