@@ -14,8 +14,9 @@ with native bf16 dot products (AVX512-BF16/AMX): there a decode step at 32 seque
 routers runs prepacked through oneDNN (factorllm/kernels.py), fp32 included: on an AVX2 EPYC,
 where MKL is slow at decode-sized row counts, a dense fp32 step ran 1.2-1.4x faster so. On CPUs
 without native bf16 `quantize` "auto" runs fp32 activations over int8 weights instead
-(factorllm/quantize.py): a quarter of the bytes a decode step reads (dense 1.7x faster than fp32
-at one sequence on an AVX2 EPYC, perplexity 1.002x; docs/results.md). fp32 with
+(factorllm/quantize.py): a quarter of the bytes a decode step reads (dense ~1.35x faster than
+fp32 at one sequence on an AVX2 EPYC, about as fast from 8 sequences on, perplexity 1.002x;
+docs/results.md). fp32 with
 the weights as loaded (dtype "float32") is the exactness reference (the tests use it).
 
 Threads: torch's CPU kernels use GNU OpenMP, which gives every thread running parallel regions
