@@ -39,7 +39,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from factorllm.device import int8_dtype, resolve_device, resolve_dtype, resolve_quantization
-from factorllm.kernels import prepack_linears
+from factorllm.kernels import compile_row_buckets, prepack_linears
 from factorllm.kv_cache import CacheBatch, KVCache
 from factorllm.moe import MoEFFN
 from factorllm.quantize import quantize_int8
@@ -343,7 +343,8 @@ class Engine:
         """Tune the MoE dispatch, then a profile run (as vLLM does): the largest prefill chunk and
         the largest decode batch the configuration allows, each twice, so that the allocator
         reaches its high-water mark before the first request and resident memory stays flat
-        under load (the first pass raises glibc's mmap threshold, the second fills the heap)."""
+        under load (the first pass raises glibc's mmap threshold, the second fills the heap).
+        Then every prepacked kernel at every row bucket (`compile_row_buckets`)."""
         tuned: dict[tuple, list] = {}
         for m in self.moes:  # layers of one shape and top-k dispatch alike: tune each kind once
             key = (m.num_experts, m.top_k, m.expert_size)
@@ -362,6 +363,8 @@ class Engine:
             h = self.model.hidden_states(torch.zeros(B, 1, dtype=torch.long, device=self.device),
                                          cache=self.cache, batch=batch)
             self.model.lm_head(h[:, 0]).float()
+        cfg = self.model.config  # a forward's rows stay under twice the chunk (see padding_groups)
+        compile_row_buckets(max(2 * chunk, B), 2 * chunk * cfg.hidden_size * 2 * cfg.intermediate_size)
         for m in self.moes:
             m.reset_stats()
 
