@@ -8,6 +8,8 @@ that each call skips the packing a plain `F.linear` redoes. Measured at the defa
     head 49,152 x 576 at 4 / 16 / 64 rows 5.4 / 9.7 / 27 ms against MKL's 19 / 25 / 42 ms, a whole
     dense decode step 1.2x / 1.4x / 1.2x faster at 1 / 16 / 64 sequences (docs/results.md).
 Routers stay plain: their small fp32 matmul is faster as an sgemv than through oneDNN's set-up.
+oneDNN compiles a kernel per weight shape and row count: rows are padded to a few buckets
+(`row_bucket`), all compiled before serving (`compile_row_buckets`).
 """
 from __future__ import annotations
 
