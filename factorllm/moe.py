@@ -35,6 +35,34 @@ DISPATCH_PATHS = ("grouped", "looped", "padded", "masked", "gathered", "kernels"
 # expert) pair: real text routes far less evenly than the random inputs tune_dispatch times
 # (docs/results.md, session 14).
 MAX_PADDING = 3.0
+# Routing records a layer keeps for `routing_stats`; past this many it counts them itself (a
+# model run with statistics on that nobody reads stays bounded).
+MAX_PENDING = 64
+
+
+def routing_stats(moes: list["MoEFFN"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens per expert [L, N] and the sum of the router's entropy (nats) [L] over the routing
+    records that the layers (all with N experts) kept since the last call; the records are used
+    up. A few ops for all layers and forwards together: counting in each layer's forward cost
+    ~70 us a layer at decode sizes (two dozen small ops), ~2 ms a step of the default model."""
+    N, device = moes[0].num_experts, moes[0].router.weight.device
+    records = [(i, logits, idx) for i, m in enumerate(moes) for logits, idx in m.pending_stats]
+    for m in moes:
+        m.pending_stats = []
+    counts = torch.zeros(len(moes) * N, dtype=torch.long, device=device)
+    entropy = torch.zeros(len(moes), dtype=torch.float64, device=device)
+    if not records:
+        return counts.view(len(moes), N), entropy
+    layer = torch.tensor([i for i, _, _ in records], device=device)
+    rows = torch.tensor([logits.shape[0] for _, logits, _ in records], device=device)
+    picks = torch.tensor([idx.numel() for _, _, idx in records], device=device)
+    logits = torch.cat([logits for _, logits, _ in records]).float()
+    entropy.index_add_(0, layer.repeat_interleave(rows, output_size=logits.shape[0]),
+                       torch.special.entr(logits.softmax(-1)).sum(-1).double())
+    expert = torch.cat([idx.flatten() for _, _, idx in records])
+    expert += layer.repeat_interleave(picks, output_size=expert.numel()) * N
+    counts.index_add_(0, expert, torch.ones_like(expert))
+    return counts.view(len(moes), N), entropy
 
 
 class MoEFFN(nn.Module):
@@ -63,7 +91,6 @@ class MoEFFN(nn.Module):
         self.expert_kernels: list[tuple[Callable, Callable]] | None = None  # see pack
         self.shared_packed = False
         self.last_idx: torch.Tensor | None = None
-        self.last_entropy: torch.Tensor | None = None  # per token, when stats are collected
         self.reset_stats()
 
     @property
@@ -147,11 +174,30 @@ class MoEFFN(nn.Module):
         # Normal tensors even when called under inference mode (the engine's warm-up), so that the
         # same model can still run outside it afterwards (in-place updates of inference tensors fail).
         with torch.inference_mode(False):
-            self.token_counts = torch.zeros(self.num_experts, dtype=torch.long, device=device)
-            self.entropy_sum = torch.zeros((), dtype=torch.float64, device=device)
+            self._token_counts = torch.zeros(self.num_experts, dtype=torch.long, device=device)
+            self._entropy_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.pending_stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logits, idx) per forward
         self.routed_tokens = 0
         self.expert_seconds = [0.0] * self.num_experts
         self.expert_events: list = []  # CUDA: (expert, start, end) events, resolved later
+
+    @property
+    def token_counts(self) -> torch.Tensor:
+        """Tokens routed to each expert [N] since the last reset (an engine reads `routing_stats`
+        of all its layers at once instead)."""
+        self._fold_stats()
+        return self._token_counts
+
+    @property
+    def entropy_sum(self) -> torch.Tensor:
+        """Sum of the router's entropy (nats) over the routed tokens since the last reset."""
+        self._fold_stats()
+        return self._entropy_sum
+
+    def _fold_stats(self) -> None:
+        counts, entropy = routing_stats([self])
+        self._token_counts += counts[0]
+        self._entropy_sum += entropy[0]
 
     def collect_expert_seconds(self) -> list[float] | None:
         """Seconds per expert since the last call (None if nothing was timed); resets. On CUDA
@@ -167,27 +213,31 @@ class MoEFFN(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Router logits [T, N], chosen experts [T, K] and their gate weights [T, K]; the weights
         are None when every chosen expert counts once (the "sum" gate at inference), which
-        spares the dispatch paths a multiplication."""
+        spares the dispatch paths a multiplication. Inference ranks the logits themselves (the
+        softmax keeps their order) and leaves the statistics to `routing_stats`."""
         logits = self.router(x.to(self.router.weight.dtype))  # an engine may keep the router in fp32
-        probs = logits.float().softmax(-1)
-        top_p, idx = probs.topk(self.top_k, dim=-1)
-        if self.gate == "weighted":
-            weights = self.top_k * top_p / top_p.sum(-1, keepdim=True)
-        elif self.training:
-            scale = self.num_experts / self.top_k if self.gate == "scaled" else 1.0
-            weights = scale * (1 + top_p - top_p.detach())
-        elif self.gate == "scaled":
-            weights = torch.full_like(top_p, self.num_experts / self.top_k)
+        if self.training:
+            top_p, idx = logits.float().softmax(-1).topk(self.top_k, dim=-1)
+            if self.gate == "weighted":
+                weights = self.top_k * top_p / top_p.sum(-1, keepdim=True)
+            else:
+                scale = self.num_experts / self.top_k if self.gate == "scaled" else 1.0
+                weights = scale * (1 + top_p - top_p.detach())
         else:
-            weights = None
-        entropy = None
-        if self.collect_stats and not self.training:
-            entropy = torch.special.entr(probs).sum(-1)
-            self.token_counts.add_(idx.flatten().bincount(minlength=self.num_experts))
-            self.entropy_sum.add_(entropy.sum())
-            self.routed_tokens += x.shape[0]
+            top_logits, idx = logits.topk(self.top_k, dim=-1)
+            if self.gate == "weighted":
+                weights = self.top_k * top_logits.float().softmax(-1)
+            elif self.gate == "scaled":
+                weights = torch.full_like(top_logits, self.num_experts / self.top_k)
+            else:
+                weights = None
+            if self.collect_stats:
+                if len(self.pending_stats) >= MAX_PENDING:
+                    self._fold_stats()
+                self.pending_stats.append((logits.detach(), idx))
+                self.routed_tokens += x.shape[0]
         if self.record_routing:
-            self.last_idx, self.last_entropy = idx, entropy
+            self.last_idx = idx
         return logits, idx, None if weights is None else weights.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

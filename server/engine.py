@@ -41,7 +41,7 @@ import torch
 from factorllm.device import int8_dtype, resolve_device, resolve_dtype, resolve_quantization
 from factorllm.kernels import compile_row_buckets, prepack_linears
 from factorllm.kv_cache import CacheBatch, KVCache
-from factorllm.moe import MoEFFN
+from factorllm.moe import MoEFFN, routing_stats
 from factorllm.quantize import quantize_int8
 
 from .detokenizer import IncrementalDetokenizer
@@ -680,20 +680,18 @@ class Engine:
                    timing: bool) -> StepStats:
         stats = StepStats(batch_size, num_prefill, num_decode, step_time)
         if self.moes:
-            stats.expert_tokens = torch.stack([m.token_counts for m in self.moes]).cpu()
-            stats.router_entropy = torch.stack([m.entropy_sum for m in self.moes]).cpu()
+            counts, entropy = routing_stats(self.moes)
+            stats.expert_tokens, stats.router_entropy = counts.cpu(), entropy.cpu()
             if timing:
                 stats.expert_seconds = [m.collect_expert_seconds() for m in self.moes]
             for m in self.moes:
-                m.token_counts.zero_()
-                m.entropy_sum.zero_()
                 m.routed_tokens = 0
         return stats
 
     def _record_routing(self, seqs: list[Sequence], T: int, lengths: list[int]) -> None:
         """Add each sequence's expert choices of the last forward ([rows*T, K] per layer) to its
-        trace; padded positions of a prefill batch are taken out of the step's expert counts and
-        router entropy."""
+        trace; padded positions of a prefill batch are taken out of the routing records that the
+        step's expert counts and router entropy come from."""
         want = [i for i, s in enumerate(seqs) if s.params.return_routing]
         padded = T * len(seqs) != sum(lengths)
         if not want and not padded:
@@ -702,11 +700,12 @@ class Engine:
         if padded:
             valid = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]      # [P, T]
             valid = valid.to(self.device)
+            real = valid.flatten().nonzero().squeeze(1)
         for layer, m in enumerate(self.moes):
             idx = m.last_idx.view(len(seqs), T, m.top_k)
-            if valid is not None and m.collect_stats:
-                m.token_counts -= torch.bincount(idx[~valid].flatten(), minlength=m.num_experts)
-                m.entropy_sum -= m.last_entropy.view(len(seqs), T)[~valid].sum().double()
+            if valid is not None and m.collect_stats:  # this forward's record is the last one
+                logits, chosen = m.pending_stats[-1]
+                m.pending_stats[-1] = logits.index_select(0, real), chosen.index_select(0, real)
             if not want:
                 continue
             ones = torch.ones_like(idx) if valid is None else valid[:, :, None].expand_as(idx).long()

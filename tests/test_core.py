@@ -364,6 +364,39 @@ def test_moe_stats_reset_under_inference_mode_stay_usable_outside():
     assert m.token_counts.sum().item() == 2 * 3 * 2
 
 
+def test_routing_stats_of_several_layers_equal_a_direct_count():
+    """Layers keep each forward's router logits and choices; `routing_stats` counts those of
+    several layers and forwards at once. They must equal counting each forward directly (softmax
+    entropy, bincount of the top-k), whatever the gate."""
+    from factorllm.moe import MAX_PENDING, MoEFFN, routing_stats
+    torch.manual_seed(0)
+    layers = [MoEFFN(16, 4, 8, k, gate=gate).eval() for k, gate in [(2, "sum"), (3, "weighted"), (1, "scaled")]]
+    want_counts = torch.zeros(3, 8, dtype=torch.long)
+    want_entropy = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for m in layers:
+            for p in m.parameters():
+                torch.nn.init.normal_(p, std=0.5)
+        for tokens in (1, 5, 1, 9):
+            x = torch.randn(tokens, 16)
+            for i, m in enumerate(layers):
+                m(x)
+                probs = m.router(x).softmax(-1)
+                want_counts[i] += probs.topk(m.top_k, -1).indices.flatten().bincount(minlength=8)
+                want_entropy[i] += torch.special.entr(probs).sum().item()
+        counts, entropy = routing_stats(layers)
+        assert torch.equal(counts, want_counts)
+        assert torch.allclose(entropy, want_entropy, rtol=1e-5)
+        assert all(not m.pending_stats for m in layers)  # used up: the next call counts nothing new
+        assert routing_stats(layers)[0].sum().item() == 0
+        # Nobody reading: a layer counts its own records rather than keep more than MAX_PENDING.
+        m = layers[0]
+        for _ in range(3 * MAX_PENDING):
+            m(torch.randn(1, 16))
+        assert len(m.pending_stats) <= MAX_PENDING
+        assert m.token_counts.sum().item() == 3 * MAX_PENDING * 2
+
+
 def test_rerouting_a_checkpoint_to_another_k(default_model, sample_tokens, tmp_path, capsys):
     """One checkpoint, other experts per token (`--top-k` on eval and serve): K = N gives the dense
     logits back, the build's dense layers stay dense, bad K and dense sources are refused."""

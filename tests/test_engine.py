@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -260,8 +261,26 @@ def test_step_stats_for_metrics(default_model, fresh_default_model):
         tokens = s.num_prefill_tokens + s.num_decode_tokens
         assert s.expert_tokens.shape == (30, 8) and (s.expert_tokens.sum(1) == tokens * 2).all()
         assert s.router_entropy.shape == (30,) and s.step_time > 0
+        assert ((s.router_entropy > 0) & (s.router_entropy <= tokens * math.log(8) + 1e-6)).all()
         # Per-expert seconds per layer where the looped path ran (None for layers that did not).
         assert s.expert_seconds is None or len(s.expert_seconds) == 30
+    # Two prompts of different lengths prefill in one padded forward: the padding is not counted.
+    seen.clear()
+    eng = make_engine(fresh_default_model, max_num_seqs=2)
+    eng.step_listeners.append(seen.append)
+    prompts = [encode(default_model, PROMPTS[0]), encode(default_model, PROMPTS[1])]
+    assert len(prompts[0]) != len(prompts[1])
+
+    async def both():
+        return await asyncio.gather(*(collect(eng, f"p{i}", ids, SamplingParams(max_tokens=3, temperature=0))
+                                      for i, ids in enumerate(prompts)))
+    try:
+        run(both())
+    finally:
+        run(eng.stop())
+    assert any(s.num_prefill_tokens == sum(map(len, prompts)) for s in seen)
+    for s in seen:
+        assert (s.expert_tokens.sum(1) == (s.num_prefill_tokens + s.num_decode_tokens) * 2).all()
 
 
 def test_stop_conditions(engine, default_model):
