@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -25,24 +23,11 @@ from factorllm.factorize import factorize_layer
 from factorllm.kernels import prepack_linears
 from factorllm.model import GatedMLP
 from factorllm.moe import DISPATCH_PATHS as PATHS
+from factorllm.timing import median_in_turns
 
+# Each timed call follows untimed ones of the same function: after the dense FFN, one warm-up call
+# was not enough (the next function's first two calls measured ~0.25 ms slow).
 WARM_CALLS = 3
-
-
-def median_times(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function, run in turns so that other work on the machine disturbs
-    them all alike. Each timed call follows untimed ones of the same function, so that every
-    function is timed in its own steady state whichever ran before it: after the dense FFN, one
-    warm-up call was not enough (the next function's first two calls measured ~0.25 ms slow)."""
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            for _ in range(WARM_CALLS):
-                fn()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def real_ffn(layer: int) -> GatedMLP:
@@ -73,7 +58,7 @@ def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: 
             _, idx, w = moe.route(x)
             fns = {"dense": lambda: dense(x), "moe": lambda: moe(x)}
             fns.update({path: (lambda path=path: getattr(moe, path)(x, idx, w)) for path in paths})
-            times = median_times(fns, repeats)
+            times = median_in_turns(fns, repeats, WARM_CALLS)
             row = dict(tokens=t, experts=n, top_k=k)
             row.update({f"{name}_ms": times[name] * 1e3 if name in times else None for name in ["dense", "moe", *PATHS]})
             fastest = min(times[path] for path in paths)

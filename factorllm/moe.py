@@ -19,6 +19,7 @@ end-to-end distillation can update the router too.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Callable
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import GatedMLP, activation
+from .timing import median_in_turns
 
 GATES = ("sum", "scaled", "weighted")
 # Ways to run the experts on a batch (methods of MoEFFN); `tune_dispatch` picks one per batch size.
@@ -440,8 +442,9 @@ class MoEFFN(nn.Module):
     def tune_dispatch(self, candidates=(1, 2, 4, 8, 16, 32, 64, 128, 256), repeats: int = 5) -> list[tuple[int, str]]:
         """Time each dispatch path at each candidate token count; remember the fastest per count.
 
-        The paths run in turns, and each keeps its least disturbed time, so that other work on the
-        machine does not decide the choice. A path 3x slower than the best at one count is not
+        The paths run in turns, each timed call after an untimed one of the same path
+        (`median_in_turns`), so that neither other work on the machine nor the path that ran
+        before decides the choice. A path 3x slower than the best at one count is not
         timed at larger counts (the gathered path's cost grows fastest). Counts above the largest
         candidate use "grouped" (it wins at prefill sizes). Layers that keep every expert are not
         timed (`keeps_every_expert`)."""
@@ -453,15 +456,8 @@ class MoEFFN(nn.Module):
         for n in candidates:
             x = torch.randn(n, p.shape[-1], dtype=p.dtype, device=p.device)
             _, idx, w = self.route(x)
-            best = {name: float("inf") for name in paths}
-            for i in range(repeats + 1):  # the first round warms up
-                for name in paths:
-                    t0 = time.perf_counter()
-                    self.run_path(name, x, idx, w)
-                    if p.is_cuda:
-                        torch.cuda.synchronize()
-                    if i:
-                        best[name] = min(best[name], time.perf_counter() - t0)
+            best = median_in_turns({name: partial(self.run_path, name, x, idx, w) for name in paths}, repeats,
+                                   sync=torch.cuda.synchronize if p.is_cuda else None)
             fastest = min(best, key=best.get)
             plan.append((n, fastest))
             paths = [name for name in paths if best[name] <= 3 * best[fastest]]

@@ -16,7 +16,6 @@ the same values, and each expert's own kernels (the `kernels` path) are int8 too
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 from .kernels import prepacked
 from .model import KernelLinear
 from .moe import MoEFFN
+from .timing import median_in_turns
 
 CROSSOVER_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -78,19 +78,13 @@ def bf16_rounded_matmul(matmul: Callable[[torch.Tensor], torch.Tensor], x: torch
 def measure_crossover(matmul: Callable[[torch.Tensor], torch.Tensor], q: torch.Tensor, scales: torch.Tensor,
                       repeats: int = 7) -> int:
     """The most rows at which the int8 kernel still beats the fp32 `matmul` over the same weight
-    (0: never). Both run in turns and each keeps its least disturbed time, as
-    MoEFFN.tune_dispatch does."""
+    (0: never), both timed in turns (`median_in_turns`), as MoEFFN.tune_dispatch does."""
     crossover = 0
     for n in CROSSOVER_CANDIDATES:
         x = torch.randn(n, q.shape[1])
-        best = [float("inf"), float("inf")]
-        for i in range(repeats + 1):  # the first round warms up
-            for j, run in enumerate((lambda: bf16_rounded_matmul(matmul, x), lambda: int8_matmul(q, scales, x))):
-                t0 = time.perf_counter()
-                run()
-                if i:
-                    best[j] = min(best[j], time.perf_counter() - t0)
-        if best[1] >= best[0]:
+        t = median_in_turns({"fp32": lambda: bf16_rounded_matmul(matmul, x),
+                             "int8": lambda: int8_matmul(q, scales, x)}, repeats)
+        if t["int8"] >= t["fp32"]:
             break
         crossover = n
     return crossover
