@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -167,14 +167,18 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
             prefix_caching=settings.prefix_caching == "on")
         t0 = time.perf_counter()
         # Built on a short-lived thread, so that the step thread is the only OpenMP team.
-        engine = off_main_thread(lambda: Engine(loaded, cfg))
+        engine = off_main_thread(lambda: Engine(state.loaded, cfg))
+        # From here on the app reads the model (its config) from the engine's copy: where the
+        # engine rewrote its own copy (int8, another dtype) the source's weights can then go
+        # (~540 MB for the default model), unless the caller keeps them (tests, benchmarks).
+        state.loaded = replace(state.loaded, model=engine.model)
         await engine.start()
         state.engine = engine
         state.timings["engine_start_s"] = time.perf_counter() - t0
         log.info("engine started in %.1f s on %s (%s, quantization %s): max_num_seqs=%d, max_model_len=%d",
                  state.timings["engine_start_s"], engine.device, engine.dtype, engine.quantize, cfg.max_num_seqs,
                  engine.max_model_len)
-        metrics.set_model(name, loaded.model, loaded.factor, str(engine.device), str(engine.dtype).replace("torch.", ""),
+        metrics.set_model(name, engine.model, state.loaded.factor, str(engine.device), str(engine.dtype).replace("torch.", ""),
                           engine.quantize)
         metrics.bind_engine(engine, waiting_extra=lambda: 0)
         metrics.ready.set(0)
@@ -271,13 +275,13 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
 
     @v1.get("/models", **_documented(None, ModelList, errors=(401,)))
     async def models():
-        factor = loaded.factor
+        factor = state.loaded.factor
         info = None
         if factor is not None:
-            layers = loaded.model.config.num_hidden_layers
+            layers = state.loaded.model.config.num_hidden_layers
             info = dict(experts=factor.experts, top_k=factor.top_k, shared_experts=factor.shared_experts,
                         active_ffn_fraction=round(factor.active_ffn_fraction(layers), 4))
-        card = ModelCard(id=name, root=str(loaded.source), max_model_len=_max_len(state), factorllm=info)
+        card = ModelCard(id=name, root=str(state.loaded.source), max_model_len=_max_len(state), factorllm=info)
         return ModelList(data=[card]).model_dump()
 
     async def generate(request: Request, body: type[BaseModel], run):

@@ -223,7 +223,6 @@ def padding_groups(chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequen
 class Engine:
     def __init__(self, loaded, config: EngineConfig):
         self.config = config
-        self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
         self.device = resolve_device(config.device)

@@ -285,6 +285,40 @@ def test_engine_exception_fails_only_that_request(served, monkeypatch):
         thread.join(60)
 
 
+def test_server_lets_the_source_weights_go_once_the_engine_has_its_own():
+    """An int8 engine rounds its own copy of the model; the server must not keep the fp32 source
+    alive beside it (~540 MB of the default model's resident memory) and still answers."""
+    import gc
+    import weakref
+
+    import uvicorn
+
+    from factorllm.loading import load_model
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    loaded = load_model("default")  # this test's own copy: nobody else holds it
+    source = weakref.ref(loaded.model.lm_head.weight)
+    port = free_port()
+    settings = ServerSettings(port=port, dtype="float32", quantize="int8", max_num_seqs=2, max_model_len=64)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, loaded), host="127.0.0.1", port=port,
+                                           log_config=None, lifespan="on"))
+    del loaded
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    u = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _ready(u), timeout=120, what="in-process int8 server ready")
+        gc.collect()
+        assert source() is None
+        r = httpx.post(u + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        assert httpx.get(u + "/v1/models").json()["data"][0]["max_model_len"] == 64
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
 def _ready(url: str) -> bool:
     try:
         return httpx.get(url + "/ready", timeout=2).status_code == 200
