@@ -560,11 +560,10 @@ class Engine:
         T = max(ns)
         ids = [s.prompt_ids[st:st + n] + [0] * (T - n) for s, st, n in zip(seqs, starts, ns)]
         batch = CacheBatch.build([s.step_slot for s in seqs], starts, ns, self.device)
-        record = record or (T * len(seqs) != sum(ns) and bool(self.step_listeners) and bool(self.moes))
         for m in self.moes:
             m.record_routing = record
         h = self.model.hidden_states(self._tensor([t for row in ids for t in row]).view(len(seqs), T), cache=self.cache, batch=batch)
-        if record:
+        if record or (T * len(seqs) != sum(ns) and bool(self.step_listeners) and bool(self.moes)):
             self._record_routing(seqs, T, ns)
         for i, (seq, start, n) in enumerate(zip(seqs, starts, ns)):
             seq.num_computed += n
@@ -701,12 +700,12 @@ class Engine:
             valid = valid.to(self.device)
             real = valid.flatten().nonzero().squeeze(1)
         for layer, m in enumerate(self.moes):
-            idx = m.last_idx.view(len(seqs), T, m.top_k)
             if valid is not None and m.collect_stats:  # this forward's record is the last one
                 logits, chosen = m.pending_stats[-1]
                 m.pending_stats[-1] = logits.index_select(0, real), chosen.index_select(0, real)
             if not want:
                 continue
+            idx = m.last_idx.view(len(seqs), T, m.top_k)
             ones = torch.ones_like(idx) if valid is None else valid[:, :, None].expand_as(idx).long()
             counts = torch.zeros(len(seqs), m.num_experts, dtype=torch.long, device=idx.device)
             counts.scatter_add_(1, idx.reshape(len(seqs), -1), ones.reshape(len(seqs), -1))
