@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .child_process import in_child_process
 from .errors import SourceError
 from .factor_config import CHECKPOINT_FORMAT, FactorConfig
 from .model import ModelConfig, Transformer, rope_inv_freq
@@ -74,9 +75,14 @@ def resolve_dense_dir(source: str | None) -> tuple[Path, str]:
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantize a GGUF file with transformers and save it as a safetensors directory (once)."""
-    if (out / WEIGHTS_FILE).is_file() and (out / "config.json").is_file():
-        return out
+    """Dequantize a GGUF file with transformers and save it as a safetensors directory (once, in a
+    child process: see child_process)."""
+    if not ((out / WEIGHTS_FILE).is_file() and (out / "config.json").is_file()):
+        in_child_process(write_converted_gguf, gguf, out)
+    return out
+
+
+def write_converted_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once)", gguf.name, out)
@@ -103,7 +109,6 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     log.info("converted in %.1f s", time.perf_counter() - t0)
-    return out
 
 
 def read_config(path: Path) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .calibration import calibration_tokens
 from .checkpoint import save_checkpoint
+from .child_process import in_child_process
 from .errors import SourceError, UsageError
 from .factor_config import CHECKPOINT_FORMAT, PRESETS, FactorConfig
 from .factorize import factorize
@@ -58,10 +59,13 @@ def cached_factorized(source: str | None, factor: FactorConfig, calib_file: str 
     key = json.dumps([CHECKPOINT_FORMAT, str(Path(dense_dir).resolve()), recipe, calib_file], sort_keys=True)
     out = cache_dir() / "factorized" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     if not (out / "config.json").is_file():
-        loaded = factorize_source(source, factor, calib_file)
-        save_checkpoint(loaded, factor, out)
-        log.info("saved factorized checkpoint to %s", out)
+        in_child_process(write_factorized, source, factor, calib_file, out)  # see child_process
     return load_model(str(out))
+
+
+def write_factorized(source: str | None, factor: FactorConfig, calib_file: str | None, out: Path) -> None:
+    save_checkpoint(factorize_source(source, factor, calib_file), factor, out)
+    log.info("saved factorized checkpoint to %s", out)
 
 
 def reroute_flags(source: str, flags: dict) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -10,9 +11,11 @@ import pytest
 import torch
 
 from factorllm.checkpoint import save_checkpoint
+from factorllm.child_process import in_child_process
+from factorllm.errors import SourceError
 from factorllm.factor_config import FactorConfig
 from factorllm.factorize import choose_partition, factorize, moe_layers
-from factorllm.loading import load_model, load_transformer, read_config
+from factorllm.loading import load_model, load_transformer, read_config, resolve_dense_dir
 from factorllm.calibration import sample_from_model
 from factorllm.partition import balanced_assign, balanced_clusters
 
@@ -254,6 +257,23 @@ def test_bad_sources_fail_cleanly(tmp_path, default_model):
     not_gguf = tmp_path / "weights.txt"
     not_gguf.write_text("hello")
     assert_clean_error(run_cli("info", "--model", str(not_gguf)), "unsupported model file")
+
+    broken_gguf = tmp_path / "broken.gguf"  # converted in a child process: its error must come back as one line
+    broken_gguf.write_bytes(b"GGUF" + bytes(60))
+    assert_clean_error(run_cli("info", "--model", str(broken_gguf)), "cannot read GGUF file")
+
+
+def test_a_build_in_a_child_process_returns_its_value_and_reports_its_failures():
+    """Conversion and factorization run in a child interpreter (factorllm.child_process) so that
+    their temporaries leave with it: its value comes back, a user error as itself, a bug or a
+    killed child as a RuntimeError."""
+    assert in_child_process(os.getpid) != os.getpid()
+    with pytest.raises(SourceError, match="model source not found: /nonexistent/model"):
+        in_child_process(resolve_dense_dir, "/nonexistent/model")
+    with pytest.raises(RuntimeError, match="int failed in a child process: ValueError"):
+        in_child_process(int, "not a number")
+    with pytest.raises(RuntimeError, match="_exit exited with status 3"):
+        in_child_process(os._exit, 3)
 
 
 def test_bad_factorization_arguments_fail_cleanly():
