@@ -6,10 +6,11 @@ a server that converted and factorized the default model at its first start stay
 than the same server started from the cache. A child process hands all of it back when it exits;
 the caller then loads the saved result exactly as a warm start does.
 
-The child is a fresh interpreter (`CHILD_MAIN`), not a multiprocessing worker: those re-run the caller's `__main__` script, which breaks any script without an
-`if __name__ == "__main__"` guard, and a forked OpenMP runtime can hang. The function, its
-arguments and its outcome travel as pickles through a private temporary directory that only this
-process and its child write (model weights never do: they go through safetensors).
+The child is a fresh interpreter (`CHILD_MAIN`), not a multiprocessing worker: those re-run the
+caller's `__main__` script, which breaks any script without an `if __name__ == "__main__"` guard,
+and a forked OpenMP runtime can hang. The function, its arguments and its outcome travel as pickles
+through a private temporary directory that only this process and its child write (model weights
+never do: they go through safetensors).
 """
 from __future__ import annotations
 
