@@ -54,8 +54,13 @@ def cache_dir() -> Path:
 def cache_entry_lock(entry: Path) -> Iterator[None]:
     """Held while a cache entry is built: a second process on the same cache (another replica
     on a shared volume) waits here instead of building into the same temporary directory."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with open(entry.with_name(entry.name + ".lock"), "w") as f:
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(entry.with_name(entry.name + ".lock"), "w")
+    except OSError as e:
+        raise SourceError(f"cannot write to the model cache ({e}); point FACTORLLM_CACHE at a writable "
+                          "directory") from None
+    with lock as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -265,6 +265,11 @@ def test_bad_sources_fail_cleanly(tmp_path, default_model):
     broken_gguf.write_bytes(b"GGUF" + bytes(60))
     assert_clean_error(run_cli("info", "--model", str(broken_gguf)), "cannot read GGUF file")
 
+    not_a_dir = tmp_path / "file"  # a cache that cannot be written (as root, chmod would not stop the writes)
+    not_a_dir.write_text("")
+    assert_clean_error(run_cli("info", "--model", str(broken_gguf), env=dict(os.environ, FACTORLLM_CACHE=str(not_a_dir / "c"))),
+                       "cannot write to the model cache", "FACTORLLM_CACHE")
+
 
 def test_a_build_in_a_child_process_returns_its_value_and_reports_its_failures():
     """Conversion and factorization run in a child interpreter (factorllm.child_process) so that
