@@ -92,6 +92,7 @@ class MoEFFN(nn.Module):
         self.packed: tuple[Callable, Callable, int] | None = None  # see pack
         self.expert_kernels: list[tuple[Callable, Callable]] | None = None  # see pack
         self.shared_packed = False
+        self.router_packed = False  # see pack
         self.last_idx: torch.Tensor | None = None
         self.reset_stats()
 
@@ -129,7 +130,7 @@ class MoEFFN(nn.Module):
         return self.shared is not None and self.shared.gate_proj.out_features % self.expert_size == 0
 
     def pack(self, kernel: Callable[[torch.Tensor], Callable] | None,
-             down_kernel: Callable[[torch.Tensor], Callable] | None = None) -> None:
+             down_kernel: Callable[[torch.Tensor], Callable] | None = None, route_in_masked: bool = True) -> None:
         """Inference engines: run the masked path's two matmuls through `kernel(weight [out, in])`,
         a callable computing x @ weight.T (the engine's prepacked oneDNN linears,
         factorllm/kernels.py, ~1.3-1.9x faster than plain matmuls at decode sizes); None goes back
@@ -138,9 +139,13 @@ class MoEFFN(nn.Module):
         path is one matmul pair, the dense FFN's. Each routed expert also gets its own kernel pair,
         for the `kernels` path (`use_plan` lets them go if the plan never takes it). `down_kernel`
         (default: `kernel`) builds the down projections' kernels (int8 weights share row scales
-        across experts, see factorllm/quantize.py). The kernels hold their own copy of the
-        weights: pack again after changing them."""
+        across experts, see factorllm/quantize.py). With `route_in_masked`, the masked path's
+        first matmul also computes the router logits (its weight's last N rows, in the kernel's
+        dtype): one kernel call instead of the router's own fp32 call and the casts around it,
+        ~50 us less per layer at decode sizes (docs/results.md, session 19). The kernels hold
+        their own copy of the weights: pack again after changing them."""
         self.packed, self.shared_packed, self.expert_kernels = None, False, None
+        self.router_packed = False
         if kernel is None:  # a tuned plan's `kernels` entries fall back to `masked`
             self.dispatch_plan = [(n, "masked" if p == "kernels" else p) for n, p in self.dispatch_plan]
             return
@@ -163,9 +168,10 @@ class MoEFFN(nn.Module):
                 down.append(sh.down_proj.weight.t())
             # All gate rows, then all up rows: the activation then reads one contiguous half
             # (on the per-expert interleaved [N, 2E] layout it ran ~4x slower).
-            gate_up = torch.cat(gates + ups)
+            router = [self.router.weight.to(gates[0].dtype)] if route_in_masked else []
+            gate_up = torch.cat(gates + ups + router)
             self.packed = (kernel(gate_up), down_kernel(torch.cat(down).t().contiguous()), extra)
-            self.shared_packed = extra > 0
+            self.shared_packed, self.router_packed = extra > 0, route_in_masked
 
     def _apply(self, fn, recurse=True):
         self._gate_up = None  # .to()/.cuda() give the parameters new tensors: let the old one go
@@ -213,11 +219,17 @@ class MoEFFN(nn.Module):
         return out if any(out) else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Router logits [T, N], chosen experts [T, K] and their gate weights [T, K]; the weights
-        are None when every chosen expert counts once (the "sum" gate at inference), which
-        spares the dispatch paths a multiplication. Inference ranks the logits themselves (the
-        softmax keeps their order) and leaves the statistics to `routing_stats`."""
+        """Router logits [T, N], chosen experts [T, K] and their gate weights [T, K] for x [T, H]
+        (see `choose`)."""
         logits = self.router(x.to(self.router.weight.dtype))  # an engine may keep the router in fp32
+        return self.choose(logits, x.dtype)
+
+    def choose(self, logits: torch.Tensor,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The experts and gate weights (in `dtype`) for router logits [T, N]; the weights are None
+        when every chosen expert counts once (the "sum" gate at inference), which spares the
+        dispatch paths a multiplication. Inference ranks the logits themselves (the softmax keeps
+        their order) and leaves the statistics to `routing_stats`."""
         if self.training:
             top_p, idx = logits.float().softmax(-1).topk(self.top_k, dim=-1)
             if self.gate == "weighted":
@@ -237,28 +249,40 @@ class MoEFFN(nn.Module):
                 if len(self.pending_stats) >= MAX_PENDING:
                     self._fold_stats()
                 self.pending_stats.append((logits.detach(), idx))
-                self.routed_tokens += x.shape[0]
+                self.routed_tokens += logits.shape[0]
         if self.record_routing:
             self.last_idx = idx
-        return logits, idx, None if weights is None else weights.to(x.dtype)
+        return logits, idx, None if weights is None else weights.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        _, idx, weights = self.route(flat)
         if self.time_experts:  # timed steps run the experts one by one
             path = "looped"
         elif torch.is_grad_enabled():  # training: see `masked`
             path = "masked"
         else:
             path = self.path_for(flat.shape[0])
-            if path == "padded" and self.padding_ratio(idx) > MAX_PADDING:
-                path = "grouped"
-        return self.run_path(path, flat, idx, weights).view(shape)
+        return self.routed(path, flat).view(shape)
 
-    def run_path(self, path: str, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        """The layer's output [T, H] by one dispatch path, shared experts included."""
-        out = getattr(self, path)(x, idx, weights)
+    def routed(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """Route x [T, H] and run its experts by `path`: what serving runs, and what
+        `tune_dispatch` times. `masked` over packed kernels that hold the router's rows (see
+        `pack`) routes in its own matmul."""
+        if path == "masked" and self.router_packed:
+            out = self.packed[0](x)
+            _, idx, weights = self.choose(out[:, -self.num_experts:], x.dtype)
+            return self.run_path(path, x, idx, weights, out)
+        _, idx, weights = self.route(x)
+        if path == "padded" and self.padding_ratio(idx) > MAX_PADDING:
+            path = "grouped"
+        return self.run_path(path, x, idx, weights)
+
+    def run_path(self, path: str, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None,
+                 packed_out: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's output [T, H] by one dispatch path for a given routing, shared experts
+        included; `packed_out`: `masked`'s first matmul, already computed (see `routed`)."""
+        out = self.masked(x, idx, weights, packed_out) if path == "masked" else getattr(self, path)(x, idx, weights)
         if self.shared is not None and not (path == "masked" and self.shared_packed):
             out = out + self.shared(x)
         return out
@@ -418,7 +442,8 @@ class MoEFFN(nn.Module):
     def available_paths(self) -> tuple[str, ...]:
         return tuple(p for p in DISPATCH_PATHS if p != "kernels" or self.expert_kernels)
 
-    def masked(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    def masked(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None,
+               packed_out: torch.Tensor | None = None) -> torch.Tensor:
         """Run every expert on every token and zero the unchosen ones: the dense FFN's cost, for
         small batches whose tokens touch most experts anyway (decode), where it beats grouping.
         Also the training path (differentiable, gate weights included): one matmul pair beat the
@@ -427,7 +452,8 @@ class MoEFFN(nn.Module):
         T, (N, E, H) = x.shape[0], self.experts_down.shape
         if self.packed:  # all gates, then all ups (see pack); shared groups always on
             extra = self.packed[2]
-            g, u = self.packed[0](x).view(T, 2, N + extra, E).unbind(1)
+            out = self.packed[0](x) if packed_out is None else packed_out
+            g, u = out[:, :2 * (N + extra) * E].view(T, 2, N + extra, E).unbind(1)
         else:
             extra = 0
             g, u = F.linear(x, self.gate_up().view(N * 2 * E, H)).view(T, N, 2, E).unbind(2)
@@ -440,7 +466,8 @@ class MoEFFN(nn.Module):
 
     @torch.no_grad()
     def tune_dispatch(self, candidates=(1, 2, 4, 8, 16, 32, 64, 128, 256), repeats: int = 5) -> list[tuple[int, str]]:
-        """Time each dispatch path at each candidate token count; remember the fastest per count.
+        """Time each dispatch path, routing included, at each candidate token count; remember the
+        fastest per count.
 
         The paths run in turns, each timed call after an untimed one of the same path
         (`median_in_turns`), so that neither other work on the machine nor the path that ran
@@ -455,8 +482,7 @@ class MoEFFN(nn.Module):
         plan, paths = [], list(self.available_paths)
         for n in candidates:
             x = torch.randn(n, p.shape[-1], dtype=p.dtype, device=p.device)
-            _, idx, w = self.route(x)
-            best = median_in_turns({name: partial(self.run_path, name, x, idx, w) for name in paths}, repeats,
+            best = median_in_turns({name: partial(self.routed, name, x) for name in paths}, repeats,
                                    sync=torch.cuda.synchronize if p.is_cuda else None)
             fastest = min(best, key=best.get)
             plan.append((n, fastest))

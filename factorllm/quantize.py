@@ -144,8 +144,8 @@ def quantize_moe_(moe: MoEFFN, crossovers: dict[tuple, int]) -> None:
         for name in ("gate_up_proj",) if shared.gate_up_proj is not None else ("gate_proj", "up_proj"):
             setattr(shared, name, int8_linear(getattr(shared, name), crossovers))
         shared.down_proj = int8_linear(shared.down_proj, crossovers, down_scales)
-    moe.pack(lambda w: Int8Kernel(w, crossovers),
-             down_kernel=lambda w: Int8Kernel(w, crossovers, scales=down_scales))
+    moe.pack(lambda w: Int8Kernel(w, crossovers),  # the router stays fp32, its own call: no int8 rounding
+             down_kernel=lambda w: Int8Kernel(w, crossovers, scales=down_scales), route_in_masked=False)
 
 
 @torch.no_grad()

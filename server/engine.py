@@ -246,6 +246,7 @@ class Engine:
         for m in self.moes:
             # Routers stay fp32: top-k choices near ties should not hinge on bf16 rounding, and on
             # CPU their small matmul is ~5x faster in fp32 than in bf16 (sgemv vs oneDNN set-up).
+            # The masked path's packed matmul computes them in bf16 alongside (MoEFFN.pack).
             m.router.float()
         cfg = self.model.config
         self.vocab_size = cfg.vocab_size

@@ -468,8 +468,9 @@ def test_detokenizer_holds_back_partial_stop_strings(default_model):
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="oneDNN's prepacked bf16 linears need AVX512-BF16 or AVX-NE-CONVERT")
 @pytest.mark.parametrize("gate", ["sum", "weighted"])
 def test_packed_masked_path_matches_plain(default_model, gate):
-    """The engine's prepacked bf16 paths (masked, shared groups folded in as always-on experts;
-    each chosen expert through its own kernels) compute the layer the plain paths compute."""
+    """The engine's prepacked bf16 paths (masked, shared groups folded in as always-on experts and
+    the router's rows too; each chosen expert through its own kernels) compute the layer the plain
+    paths compute."""
     from factorllm.factor_config import FactorConfig
     from factorllm.factorize import factorize_layer
     from factorllm.kernels import prepacked
@@ -485,8 +486,13 @@ def test_packed_masked_path_matches_plain(default_model, gate):
         x, w = x.to(torch.bfloat16), None if w is None else w.to(torch.bfloat16)
         outs = {"grouped": moe.run_path("grouped", x, idx, w)}
         moe.pack(lambda weight: prepacked(weight, 16))
-        assert moe.shared_packed
+        assert moe.shared_packed and moe.router_packed
         outs["packed masked"] = moe.run_path("masked", x, idx, w)
+        # Routed in the masked path's own matmul (bf16 router rows): the fp32 router's choices.
+        routed = moe.routed_tokens
+        outs["packed masked, routed in its matmul"] = moe.routed("masked", x)
+        assert moe.routed_tokens == routed + len(x)
+        assert torch.equal(moe.pending_stats[-1][1].sort(-1).values, idx.sort(-1).values)
         outs["kernels"] = moe.run_path("kernels", x, idx, w)
         one = [moe.run_path("kernels", x[t:t + 1], idx[t:t + 1], None if w is None else w[t:t + 1])
                for t in range(len(x))]
