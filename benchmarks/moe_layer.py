@@ -51,7 +51,7 @@ def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: 
         moe.router.float()  # as the engine runs them: fp32 router, prepacked oneDNN linears
         prepack_linears(dense, 64)
         prepack_linears(moe, 64)
-        moe.tune_dispatch()
+        moe.tune_dispatch(max(tokens))
         paths = list(moe.available_paths)
         for t in sorted(tokens):
             x = torch.randn(t, hidden, dtype=dtype)

@@ -37,6 +37,11 @@ DISPATCH_PATHS = ("grouped", "looped", "padded", "masked", "gathered", "kernels"
 # expert) pair: real text routes far less evenly than the random inputs tune_dispatch times
 # (docs/results.md, session 14).
 MAX_PADDING = 3.0
+# For the same reason tune_dispatch takes `grouped` or `padded` over `masked` (whose cost does not
+# depend on the routing) only when they time this much faster on its evenly routed random inputs:
+# on real text, prefill of 16 prompts ran up to 1.5x slower through their picks than through
+# `masked` (docs/results.md, session 19).
+SKEW_MARGIN = 1.2
 # Routing records a layer keeps for `routing_stats`; past this many it counts them itself (a
 # model run with statistics on that nobody reads stays bounded).
 MAX_PENDING = 64
@@ -82,7 +87,8 @@ class MoEFFN(nn.Module):
         self.experts_down = nn.Parameter(torch.empty(num_experts, expert_size, hidden))
         self.shared = GatedMLP(hidden, shared_size, act) if shared_size else None
         # Also an empty dispatch_plan: [(max_tokens, path)], ascending, the dispatch path to use up
-        # to each token count, measured by tune_dispatch; beyond the last entry, "grouped" (path_for).
+        # to each token count, measured by tune_dispatch; beyond the last entry, the last entry's
+        # path; untuned, "grouped" (path_for).
         self.set_top_k(top_k)
         self.collect_stats = True
         self.time_experts = False
@@ -168,7 +174,10 @@ class MoEFFN(nn.Module):
                 down.append(sh.down_proj.weight.t())
             # All gate rows, then all up rows: the activation then reads one contiguous half
             # (on the per-expert interleaved [N, 2E] layout it ran ~4x slower).
-            router = [self.router.weight.to(gates[0].dtype)] if route_in_masked else []
+            router = []
+            if route_in_masked:  # zero rows after the router's keep the output rows 64-byte aligned
+                w = self.router.weight.to(gates[0].dtype)
+                router = [w, w.new_zeros(-N % 32, H)]
             gate_up = torch.cat(gates + ups + router)
             self.packed = (kernel(gate_up), down_kernel(torch.cat(down).t().contiguous()), extra)
             self.shared_packed, self.router_packed = extra > 0, route_in_masked
@@ -271,7 +280,10 @@ class MoEFFN(nn.Module):
         `pack`) routes in its own matmul."""
         if path == "masked" and self.router_packed:
             out = self.packed[0](x)
-            _, idx, weights = self.choose(out[:, -self.num_experts:], x.dtype)
+            # A copy: the statistics keep the logits until the step ends, and a view would keep
+            # all of `out` (at prefill sizes, tens of MB per layer; prefill ran 2.5x slower).
+            start = 2 * (self.num_experts + self.packed[2]) * self.expert_size
+            _, idx, weights = self.choose(out[:, start:start + self.num_experts].contiguous(), x.dtype)
             return self.run_path(path, x, idx, weights, out)
         _, idx, weights = self.route(x)
         if path == "padded" and self.padding_ratio(idx) > MAX_PADDING:
@@ -317,7 +329,7 @@ class MoEFFN(nn.Module):
         for max_tokens, path in self.dispatch_plan:
             if tokens <= max_tokens:
                 return path
-        return "grouped"
+        return self.dispatch_plan[-1][1] if self.dispatch_plan else "grouped"
 
     def expert_forward(self, e: int, x: torch.Tensor, w: torch.Tensor | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
@@ -465,26 +477,33 @@ class MoEFFN(nn.Module):
         return self.packed[1](h) if self.packed else h @ self.experts_down.view(N * E, H)
 
     @torch.no_grad()
-    def tune_dispatch(self, candidates=(1, 2, 4, 8, 16, 32, 64, 128, 256), repeats: int = 5) -> list[tuple[int, str]]:
-        """Time each dispatch path, routing included, at each candidate token count; remember the
-        fastest per count.
+    def tune_dispatch(self, max_tokens: int = 256, repeats: int = 5) -> list[tuple[int, str]]:
+        """Time each dispatch path, routing included, at 1, 2, 4, ... tokens up to `max_tokens` (an
+        engine's largest forward: its prefill chunk); remember the fastest per count.
 
         The paths run in turns, each timed call after an untimed one of the same path
         (`median_in_turns`), so that neither other work on the machine nor the path that ran
         before decides the choice. A path 3x slower than the best at one count is not
-        timed at larger counts (the gathered path's cost grows fastest). Counts above the largest
-        candidate use "grouped" (it wins at prefill sizes). Layers that keep every expert are not
-        timed (`keeps_every_expert`)."""
+        timed at larger counts (the gathered path's cost grows fastest; above 256 tokens it is
+        never timed: it would copy ~1 GB of expert weights per call). Layers that keep every
+        expert are not timed (`keeps_every_expert`). Tuning up to the prefill chunk matters: on
+        a CPU with AMX, prefill of 16 prompts ran 1.6-2.5x faster through `masked` than through
+        `grouped`, the path counts above 256 used to get (docs/results.md, session 19)."""
         if self.keeps_every_expert:
             self.dispatch_plan = []
             return []
         p = self.experts_gate
         plan, paths = [], list(self.available_paths)
-        for n in candidates:
+        counts = [1 << i for i in range(max_tokens.bit_length()) if 1 << i < max_tokens] + [max_tokens]
+        for n in counts:
+            if n > 256 and "gathered" in paths:
+                paths.remove("gathered")
             x = torch.randn(n, p.shape[-1], dtype=p.dtype, device=p.device)
             best = median_in_turns({name: partial(self.routed, name, x) for name in paths}, repeats,
                                    sync=torch.cuda.synchronize if p.is_cuda else None)
             fastest = min(best, key=best.get)
+            if fastest in ("grouped", "padded") and best.get("masked", float("inf")) < SKEW_MARGIN * best[fastest]:
+                fastest = "masked"
             plan.append((n, fastest))
             paths = [name for name in paths if best[name] <= 3 * best[fastest]]
         self.dispatch_plan = plan

@@ -345,14 +345,14 @@ class Engine:
         reaches its high-water mark before the first request and resident memory stays flat
         under load (the first pass raises glibc's mmap threshold, the second fills the heap).
         Then every prepacked kernel at every row bucket (`compile_row_buckets`)."""
+        chunk = min(self.config.max_num_batched_tokens, self.max_model_len)
+        B, last = self.max_num_seqs, self.max_model_len - 1
         tuned: dict[tuple, list] = {}
         for m in self.moes:  # layers of one shape and top-k dispatch alike: tune each kind once
             key = (m.num_experts, m.top_k, m.expert_size)
-            if key not in tuned:
-                tuned[key] = m.tune_dispatch()
+            if key not in tuned:  # up to the prefill chunk; larger (padded) forwards take its path
+                tuned[key] = m.tune_dispatch(max(chunk, B))
             m.use_plan(tuned[key])
-        chunk = min(self.config.max_num_batched_tokens, self.max_model_len)
-        B, last = self.max_num_seqs, self.max_model_len - 1
         for _ in range(2):
             batch = CacheBatch.build([0], [0], [chunk], self.device)
             h = self.model.hidden_states(torch.zeros(1, chunk, dtype=torch.long, device=self.device),

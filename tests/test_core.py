@@ -344,6 +344,26 @@ def test_factorize_command_writes_a_loadable_checkpoint(tmp_path, default_model)
     assert json.loads(info.stdout)["experts"] == 8
 
 
+def test_tuning_takes_routing_sensitive_paths_only_by_a_margin(default_model, monkeypatch):
+    """tune_dispatch's random inputs route evenly, which flatters `grouped` and `padded`: they win
+    a count over `masked` only when more than SKEW_MARGIN faster; the plan's last path covers
+    larger counts."""
+    import factorllm.moe
+    from factorllm.factorize import factorize_layer
+    factor = FactorConfig(experts=8, top_k=2, partition="contiguous", router_init="random")
+    factor.validate(1536)
+    moe = factorize_layer(default_model.model.layers[3].mlp, torch.empty(0, 576), factor, 3).eval()
+    picks = {1: {"grouped": 1.0, "masked": 1.1}, 2: {"grouped": 1.0, "masked": 1.5},
+             4: {"padded": 1.0, "masked": 1.15}, 8: {"looped": 1.0, "masked": 1.1}}
+    times = {n: {p: 2.0 for p in moe.available_paths} | t for n, t in picks.items()}
+    counts = iter(times)
+    monkeypatch.setattr(factorllm.moe, "median_in_turns", lambda fns, *a, **k: times[next(counts)])
+    with torch.no_grad():
+        plan = moe.tune_dispatch(8)
+    assert plan == [(1, "masked"), (2, "grouped"), (4, "masked"), (8, "looped")]
+    assert moe.path_for(100) == "looped"
+
+
 @pytest.mark.parametrize("tokens", [1, 5, 40])
 def test_dispatch_paths_agree(default_model, tokens, monkeypatch):
     """Every dispatch path computes the same layer output; the plan picks one; a plan's `padded`
@@ -358,8 +378,8 @@ def test_dispatch_paths_agree(default_model, tokens, monkeypatch):
     with torch.no_grad():
         _, idx, w = moe.route(x)
         outs = [getattr(moe, p)(x, idx, w) for p in moe.available_paths]
-        plan = moe.tune_dispatch(candidates=(1, 8), repeats=2)
-        assert [n for n, _ in plan] == [1, 8] and moe.path_for(100) == "grouped"
+        plan = moe.tune_dispatch(6, repeats=2)
+        assert [n for n, _ in plan] == [1, 2, 4, 6] and moe.path_for(100) == plan[-1][1]
         outs.append(moe(x))
         moe.dispatch_plan = [(tokens, "padded")]
         monkeypatch.setattr(factorllm.moe, "MAX_PADDING", 1.0)
