@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--prefix-caching", choices=("on", "off"),
                    help="reuse the keys/values a finished request left for a prompt that starts with the same "
                         "tokens, e.g. a chat's next turn (default on)")
-    e.add_argument("--expert-timing-every", type=int, help="time experts every Nth step (default 16)")
+    e.add_argument("--expert-timing-every", type=int, help="time experts every Nth decode-only step (default 16)")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:

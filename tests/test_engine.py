@@ -264,6 +264,8 @@ def test_step_stats_for_metrics(default_model, fresh_default_model):
         assert ((s.router_entropy > 0) & (s.router_entropy <= tokens * math.log(8) + 1e-6)).all()
         # Per-expert seconds per layer where the looped path ran (None for layers that did not).
         assert s.expert_seconds is None or len(s.expert_seconds) == 30
+    # Experts are timed on the first decode-only step and every 16th after it, never in a prefill.
+    assert [s.expert_seconds is not None for s in seen] == [False, True, False, False, False]
     # Two prompts of different lengths prefill in one padded forward: the padding is not counted.
     seen.clear()
     eng = make_engine(fresh_default_model, max_num_seqs=2)
