@@ -273,7 +273,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.num_steps = 0
-        self._timing_due = 0  # decode-only steps until the next one that times experts
+        self.num_decode_only_steps = 0  # expert timing counts these (see _begin_stats)
 
     # ---- sizing and properties
     def _slots_from_memory(self, fraction: float) -> int:
@@ -671,8 +671,8 @@ class Engine:
         a prefill of 16 prompts took 1.7x as long through as through its tuned path."""
         timing = False
         if self.step_listeners and self.moes and decode_only:
-            timing = self._timing_due <= 0
-            self._timing_due = max(1, self.config.expert_timing_every) - 1 if timing else self._timing_due - 1
+            timing = self.num_decode_only_steps % max(1, self.config.expert_timing_every) == 0
+            self.num_decode_only_steps += 1
         for m in self.moes:
             m.collect_stats = bool(self.step_listeners)
             m.time_experts = timing
