@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from factorllm.cli import main
 from factorllm.errors import SourceError
@@ -213,19 +214,29 @@ def test_train_cli_recovers_a_checkpoint_layer_by_layer(tmp_path, default_model,
 # ---------------------------------------------------------------- distillation
 
 @pytest.mark.parametrize("tau", [1.0, 2.0])
-def test_logit_kl_and_its_gradient_equal_autograd(tau):
-    from factorllm.distill import logit_kl
+def test_head_losses_and_their_gradients_equal_autograd_on_whole_logits(tau):
+    """The chunked head + KL + CE equals the plain computation on [tokens, vocabulary] logits, and
+    so do its gradients for the hidden states and a trained head; rows without a target count
+    for the KL only."""
+    from factorllm.distill import head_losses
     torch.manual_seed(0)
-    student, teacher = torch.randn(2, 13, 50, dtype=torch.float64) * 3, torch.randn(2, 13, 50, dtype=torch.float64) * 3
-    a = student.clone().requires_grad_(True)
-    t_logp, s_logp = (teacher / tau).log_softmax(-1), (a / tau).log_softmax(-1)
-    direct = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * tau ** 2
-    direct.backward()
-    b = student.clone().requires_grad_(True)
-    chunked = logit_kl(b, teacher, tau)
-    (2 * chunked).backward()
-    assert chunked.item() == pytest.approx(direct.item(), rel=1e-5)
-    torch.testing.assert_close(b.grad, 2 * a.grad, rtol=1e-4, atol=1e-9)
+    f64 = dict(dtype=torch.float64)
+    hidden, weight = torch.randn(2, 13, 8, **f64), torch.randn(50, 8, **f64)
+    t_hidden, t_weight = torch.randn(2, 13, 8, **f64), torch.randn(50, 8, **f64)
+    targets = torch.randint(0, 50, (2, 13))
+    targets[:, -1] = -1
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    s_logits, t_logits = h1 @ w1.T, t_hidden @ t_weight.T
+    t_logp, s_logp = (t_logits / tau).log_softmax(-1), (s_logits / tau).log_softmax(-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * tau ** 2
+    ce = F.cross_entropy(s_logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    (kl + 0.5 * ce).backward()
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    chunked = head_losses(h2, w2, t_hidden, t_weight, tau, targets, rows=5)
+    (chunked[0] + 0.5 * chunked[1]).backward()
+    assert chunked.tolist() == pytest.approx([kl.item(), ce.item()], rel=1e-5)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_distillation_lowers_kl_and_resumes_from_its_state(tmp_path, default_model, fresh_default_model, sample_tokens):
