@@ -469,8 +469,8 @@ class MoEFFN(nn.Module):
         else:
             extra = 0
             g, u = F.linear(x, self.gate_up().view(N * 2 * E, H)).view(T, N, 2, E).unbind(2)
-        gate = x.new_zeros(T, N + extra)
-        gate = gate.scatter_(1, idx, 1.0) if weights is None else gate.scatter_(1, idx, weights)
+        gate = g.new_zeros(T, N + extra)  # g's dtype: a wider gate would promote [T, N, E] (autocast)
+        gate = gate.scatter_(1, idx, 1.0) if weights is None else gate.scatter_(1, idx, weights.to(g.dtype))
         if extra:
             gate[:, N:] = 1.0
         h = (self.act(g) * u * gate[..., None]).view(T, (N + extra) * E)
