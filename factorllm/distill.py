@@ -92,17 +92,19 @@ class HeadLosses(torch.autograd.Function):
     next-token cross-entropy averaged over rows with a target (0 without targets)]. The [tokens,
     vocabulary] logits never exist whole: each chunk's logits, losses and gradients are computed in
     the forward pass and only the [tokens, hidden] (and, for a trained head, [vocabulary, hidden])
-    gradients are kept. Autograd through whole-vocabulary logits (fresh 400 MB buffers, fp32
-    copies, a log-softmax backward) made a CPU distillation step 1.5x as long."""
+    gradients are kept. On CPU, autograd through whole-vocabulary logits (fresh 400 MB buffers, fp32
+    copies, log-softmax backwards) took 835 ms for the KL of 1,024 x 49,152 logits where chunks take
+    241, and a distillation step 1.13x as long as with the heads inside the chunks too."""
 
     @staticmethod
     def forward(ctx, hidden, weight, t_hidden, t_weight, tau: float, targets, rows: int):
         n, dtype = hidden.shape[0], t_weight.dtype
         w = weight.detach().to(dtype)
         counted = 0 if targets is None else int((targets >= 0).sum())
+        terms = 2 if counted else 1
         losses = torch.zeros(2, dtype=torch.float64, device=hidden.device)
-        grads = torch.zeros(2, *hidden.shape, dtype=torch.float32, device=hidden.device)
-        w_grads = torch.zeros(2, *weight.shape, dtype=torch.float32, device=hidden.device) \
+        grads = torch.zeros(terms, *hidden.shape, dtype=torch.float32, device=hidden.device)
+        w_grads = torch.zeros(terms, *weight.shape, dtype=torch.float32, device=hidden.device) \
             if ctx.needs_input_grad[1] else None
         for i in range(0, n, rows):
             h = hidden[i:i + rows].detach().to(dtype)
@@ -130,8 +132,9 @@ class HeadLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         grads, w_grads = ctx.saved_tensors
-        d_hidden = g[0] * grads[0] + g[1] * grads[1]
-        d_weight = None if w_grads is None else g[0] * w_grads[0] + g[1] * w_grads[1]
+        weights = g[:len(grads)].to(grads.dtype).view(-1, 1, 1)
+        d_hidden = (weights * grads).sum(0)
+        d_weight = None if w_grads is None else (weights * w_grads).sum(0)
         return d_hidden, d_weight, None, None, None, None, None
 
 
