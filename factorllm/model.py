@@ -133,7 +133,8 @@ class GatedMLP(nn.Module):
 
 def fuse_into(module: nn.Module, name: str, parts: tuple[str, ...]) -> None:
     """Give `module` a fused linear `name` over its linears `parts`, left out of state_dict (which
-    keeps the parts, so a fused model saves as the unfused one)."""
+    keeps the parts, so a fused model saves as the unfused one) and not expected by
+    load_state_dict (loading the parts, views of the fused weight, fills it)."""
     if getattr(module, name) is not None:
         return
     setattr(module, name, fused_linear(*(getattr(module, p) for p in parts)))
@@ -143,6 +144,10 @@ def fuse_into(module: nn.Module, name: str, parts: tuple[str, ...]) -> None:
         for key in [k for k in state_dict if k.startswith(f"{prefix}{name}.")]:
             del state_dict[key]
     module.register_state_dict_post_hook(drop_fused)
+
+    def fused_is_not_missing(mod, incompatible):
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k.split(".")[-2:-1] != [name]]
+    module.register_load_state_dict_post_hook(fused_is_not_missing)
 
 
 def fused_linear(*parts: nn.Linear) -> nn.Linear:

@@ -523,6 +523,10 @@ def test_fused_projections_match_and_save_unfused(sample_tokens):
     assert (before - after).abs().max().item() <= 1e-4
     state = m.state_dict()
     assert set(state) == set(keys) and all(torch.equal(state[k], keys[k]) for k in keys)
+    state["model.layers.0.self_attn.q_proj.weight"] = torch.zeros_like(state["model.layers.0.self_attn.q_proj.weight"])
+    m.load_state_dict(state)  # strict: the fused weights are not expected, and loading the parts fills them
+    q_rows = m.layers[0].self_attn.q_proj.out_features
+    assert not m.layers[0].self_attn.qkv_proj.weight[:q_rows].any() and m.layers[0].self_attn.qkv_proj.weight[q_rows:].any()
 
 
 def test_bf16_cached_decode_matches_full_forward(fresh_default_model, sample_tokens):
