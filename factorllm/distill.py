@@ -117,8 +117,9 @@ class HeadLosses(torch.autograd.Function):
             if counted:
                 t = targets[i:i + rows]
                 keep = t >= 0
-                probs = s_logits.softmax(-1)
-                losses[1] -= probs[keep, t[keep]].log().sum(dtype=torch.float64)
+                logp = s_logits.log_softmax(-1)
+                losses[1] -= logp[keep, t[keep]].sum(dtype=torch.float64)
+                probs = logp.exp_()
                 probs[keep, t[keep]] -= 1.0
                 probs[~keep] = 0.0
                 chunk_grads.append(probs.div_(counted))
