@@ -124,9 +124,10 @@ class HeadLosses(torch.autograd.Function):
                 probs[~keep] = 0.0
                 chunk_grads.append(probs.div_(counted))
             for k, g in enumerate(chunk_grads):
-                grads[k, i:i + rows] = g.to(dtype) @ w
+                g = g.to(dtype)
+                grads[k, i:i + rows] = g @ w
                 if w_grads is not None:
-                    w_grads[k] += g.to(dtype).T @ h
+                    w_grads[k] += g.T @ h
         ctx.save_for_backward(grads, w_grads)
         return torch.stack([losses[0] * tau ** 2 / n, losses[1] / max(counted, 1)]).float()
 

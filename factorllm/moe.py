@@ -123,6 +123,12 @@ class MoEFFN(nn.Module):
             self._gate_up = gu, (g.data_ptr(), u.data_ptr())
         return self._gate_up[0]
 
+    @property
+    def packed_expert_columns(self) -> int:
+        """Output columns of the packed gate/up matmul that belong to experts (routed and shared,
+        gates then ups); the router's logits, when packed in, follow them (see `pack`)."""
+        return 2 * (self.num_experts + self.packed[2]) * self.expert_size
+
     def all_expert_hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Every routed expert's hidden activations on every token of x [T, H], [T, N, E], in one
         matmul (fitting evaluates all experts; serving never does)."""
@@ -282,7 +288,7 @@ class MoEFFN(nn.Module):
             out = self.packed[0](x)
             # A copy: the statistics keep the logits until the step ends, and a view would keep
             # all of `out` (at prefill sizes, tens of MB per layer; prefill ran 2.5x slower).
-            start = 2 * (self.num_experts + self.packed[2]) * self.expert_size
+            start = self.packed_expert_columns
             _, idx, weights = self.choose(out[:, start:start + self.num_experts].contiguous(), x.dtype)
             return self.run_path(path, x, idx, weights, out)
         _, idx, weights = self.route(x)
@@ -465,7 +471,7 @@ class MoEFFN(nn.Module):
         if self.packed:  # all gates, then all ups (see pack); shared groups always on
             extra = self.packed[2]
             out = self.packed[0](x) if packed_out is None else packed_out
-            g, u = out[:, :2 * (N + extra) * E].view(T, 2, N + extra, E).unbind(1)
+            g, u = out[:, :self.packed_expert_columns].view(T, 2, N + extra, E).unbind(1)
         else:
             extra = 0
             g, u = F.linear(x, self.gate_up().view(N * 2 * E, H)).view(T, N, 2, E).unbind(2)
