@@ -62,13 +62,15 @@ def resolve_quantization(name: str, dtype: str, device: torch.device) -> str:
 
 
 def int8_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The activation dtype of int8 weights: fp32 on CPU (torch's int8 kernel takes bf16 inputs,
-    cast per call); other dtypes and devices are refused with the flag to change."""
+    """The activation dtype of int8 weights: the CPU's (`resolve_dtype`: bf16 where it computes
+    bf16 natively, else fp32), bf16 or fp32 as asked; fp16 and other devices are refused with the
+    flag to change."""
     if device.type != "cpu":
         raise ValueError("int8 weights run on CPU only: drop --quantize int8 or use --device cpu")
-    if dtype not in ("auto", "float32", "fp32"):
-        raise ValueError(f"int8 weights run with float32 activations: drop --dtype {dtype} or --quantize int8")
-    return torch.float32
+    if dtype in ("float16", "fp16"):
+        raise ValueError(f"int8 weights run with float32 or bfloat16 activations: drop --dtype {dtype} "
+                         "or --quantize int8")
+    return resolve_dtype(dtype, device)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

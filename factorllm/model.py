@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .timing import median_in_turns
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3")
 
 
@@ -239,6 +241,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.reshape(B, 1, H, D)
 
 
+def decode_attention_path(plan: list[tuple[int, str]], rows: int) -> str:
+    """CPU bf16/fp16 decoding's attention kernel for `rows` rows by a plan of (most rows, path)
+    from `Transformer.tune_decode_attention`: "matmuls" (`decode_attention`) or "sdpa" (flash).
+    Untuned: "matmuls"."""
+    for max_rows, path in plan:
+        if rows <= max_rows:
+            return path
+    return plan[-1][1] if plan else "matmuls"
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -253,6 +265,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.qkv_proj: nn.Linear | None = None  # see fuse()
         self.fused_away: tuple[str, ...] = ()  # projections forward() no longer calls
+        self.decode_plan: list[tuple[int, str]] = []  # see Transformer.tune_decode_attention
 
     def fuse(self) -> None:
         """One matmul for q, k and v, and one rotary embedding for q and k together. Models that
@@ -281,8 +294,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer, batch, k, v)  # head-major: [B, KV, span, D]
             # A cached batch says itself whether it needs a causal mask (None: all keys visible).
             causal = mask is None and getattr(batch, "is_causal", True)
-            if T == 1 and q.dtype in (torch.bfloat16, torch.float16) and not q.is_cuda:
-                # CPU bf16/fp16 decoding: two small batched matmuls beat the flash kernel ~5x.
+            if (T == 1 and q.dtype in (torch.bfloat16, torch.float16) and not q.is_cuda
+                    and decode_attention_path(self.decode_plan, B) == "matmuls"):
                 return self.o_proj(decode_attention(q, k, v, mask).reshape(B, T, -1))
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -337,6 +350,37 @@ class Transformer(nn.Module):
             if isinstance(m, (Attention, GatedMLP)):
                 m.fuse()
         return self
+
+    @torch.inference_mode()
+    def tune_decode_attention(self, cache, max_rows: int, contexts: tuple[int, ...] = (128, 512),
+                              repeats: int = 10) -> list[tuple[int, str]]:
+        """CPU bf16/fp16 decoding: time `decode_attention` (two batched matmuls) against SDPA's
+        flash kernel on rows of `cache` (a KVCache: strided views, as serving reads them) at 1, 2,
+        4, ... `max_rows` rows, each at `contexts` positions (times summed); every layer then
+        uses the faster per row count. The winner depends on the CPU: on an AVX512 EPYC the
+        matmuls were ~4x faster at 32 rows x 100 positions (session 10); on an AMX Xeon flash is
+        1.3-4x faster at 1-16 rows (session 21, docs/results.md)."""
+        cfg = self.config
+        H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        max_rows = min(max_rows, cache.num_slots)
+        counts = [1 << i for i in range(max_rows.bit_length()) if 1 << i < max_rows] + [max_rows]
+        plan = []
+        for n in counts:
+            total = {"matmuls": 0.0, "sdpa": 0.0}
+            for S in sorted({min(c, cache.max_len) for c in contexts}):
+                k, v = cache.k[0, :n, :, :S], cache.v[0, :n, :, :S]
+                q = torch.randn(n, 1, H, D, dtype=k.dtype, device=k.device)
+                t = median_in_turns({
+                    "matmuls": lambda: decode_attention(q, k, v, None),
+                    "sdpa": lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=H != KV),
+                }, repeats)
+                for name in total:
+                    total[name] += t[name]
+            plan.append((n, min(total, key=total.get)))
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.decode_plan = plan
+        return plan
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       cache=None, batch=None) -> torch.Tensor:

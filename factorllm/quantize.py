@@ -1,14 +1,17 @@
 """Int8 weight-only quantization for CPU decoding (llama.cpp's Q8 idea, one scale per output row).
 
-A decode step at a few sequences reads every weight once, so on CPUs without native bf16 dot
-products (AVX2 machines run the engine in fp32) its time is the bytes of the fp32 weights.
-`quantize_int8` rounds every linear weight to 8 bits with one bf16 scale per output row, in
-place (perplexity of the default model on 4,096 WikiText-2 tokens 1.002x of fp32,
-docs/results.md), and gives each linear two ways to run over the same rounded values:
+A decode step at a few sequences reads every weight once, so its time is the bytes of the weights
+(fp32 on AVX2 machines, which lack native bf16 dot products; bf16 elsewhere). `quantize_int8`
+rounds every linear weight to 8 bits with one bf16 scale per output row, in place (perplexity of
+the default model on 4,096 WikiText-2 tokens 1.002x of fp32, docs/results.md), and gives each
+linear two ways to run over the same rounded values:
   * up to `crossover` rows, torch's int8 weight-only kernel (`aten._weight_int8pack_mm`,
-    vectorized for bf16 activations): a quarter of the fp32 bytes;
-  * more rows, the fp32 matmul over the rounded weight (prepacked oneDNN, factorllm/kernels.py):
-    there the matmul is compute-bound and the fp32 GEMM beats the int8 kernel.
+    vectorized for bf16 activations): a quarter of the fp32 bytes, half of the bf16 ones;
+  * more rows, the model dtype's matmul over the rounded weight (prepacked oneDNN,
+    factorllm/kernels.py): there the matmul is compute-bound and the fp32 or bf16 (AMX) GEMM
+    beats the int8 kernel.
+"The same values": a bf16 weight cannot hold every level q * s of a bf16 scale s, so bf16 weights
+get power-of-two scales (`row_scales`), whose levels it holds exactly.
 The crossover is measured per weight shape when the model is quantized. Routers stay fp32 (and
 unrounded): their choices should not hinge on rounding. MoE experts are rounded with the row layout
 the masked dispatch path packs them in (see `quantize_moe_`): every dispatch path computes with
@@ -30,26 +33,39 @@ from .timing import median_in_turns
 CROSSOVER_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 
 
+def row_scales(absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The int8 scale [out] (bf16, the int8 kernel's scale dtype) of rows whose largest magnitude
+    is `absmax`, for a weight of `dtype`: absmax / 127, for bf16 weights rounded up to a power of
+    two, so that every level q * s (|q| <= 127) is a bf16 number and a bf16 weight holds it exactly."""
+    s = absmax.float().clamp_min(1e-12) / 127
+    if dtype == torch.bfloat16:
+        mantissa, exponent = torch.frexp(s)  # s = mantissa * 2**exponent, mantissa in [0.5, 1)
+        s = torch.ldexp(torch.ones_like(s), exponent - (mantissa == 0.5).int())
+    return s.to(torch.bfloat16)
+
+
 def round_rows_(weight: torch.Tensor) -> torch.Tensor:
     """Round each row of `weight` [out, in] (a view is fine) to 255 levels, in place: q * s with
-    q an integer in [-127, 127] and s the row's bf16 scale (the int8 kernel's scale dtype), so that
-    `int8_rows` recovers q and s exactly and both of `Int8Kernel`'s paths use these values.
-    Returns the scales [out] (bf16)."""
+    q an integer in [-127, 127] and s the row's scale (`row_scales`), so that `int8_rows` recovers
+    q and s exactly and both of `Int8Kernel`'s paths use these values. Returns the scales [out]."""
     w = weight.detach()
-    scales = w.abs().amax(1).float().clamp_min(1e-12) / 127
-    q = torch.round(w.float() / scales[:, None]).clamp_(-127, 127)
-    scales = scales.to(torch.bfloat16)
+    absmax = w.abs().amax(1).float()
+    scales = row_scales(absmax, w.dtype)
+    # Other than bf16 weights, levels of the exact absmax / 127: the largest entry becomes +-127,
+    # whose row `int8_rows` finds the (rounded) scale of again.
+    step = scales.float() if w.dtype == torch.bfloat16 else absmax.clamp_min(1e-12) / 127
+    q = torch.round(w.float() / step[:, None]).clamp_(-127, 127)
     w.copy_(q * scales.float()[:, None])
     return scales
 
 
 def int8_rows(weight: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A weight rounded by `round_rows_` as its int8 values and bf16 scales. Without `scales`
-    they are recovered from each row's largest entry (127 scales exactly); a block of columns
-    of a rounded weight passes its rows' scales."""
+    they are recovered from each row's largest entry (`row_scales` of it gives the row's scale
+    back); a block of columns of a rounded weight passes its rows' scales."""
     w = weight.detach().float()
     if scales is None:
-        scales = (w.abs().amax(1).clamp_min(1e-12) / 127).to(torch.bfloat16)
+        scales = row_scales(w.abs().amax(1), weight.dtype)
     return torch.round(w / scales.float()[:, None]).to(torch.int8).contiguous(), scales
 
 
@@ -59,8 +75,9 @@ def int8_matmul(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch
     return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scales).to(x.dtype)
 
 
-def fp32_matmul(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x @ weight.T by the fastest fp32 kernel this build has: prepacked oneDNN, else F.linear."""
+def plain_matmul(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x @ weight.T by the fastest kernel this build has for the weight's dtype (fp32 or bf16):
+    prepacked oneDNN, else F.linear."""
     try:
         return prepacked(weight, max(CROSSOVER_CANDIDATES))
     except Exception:  # builds without the oneDNN ops
@@ -68,23 +85,26 @@ def fp32_matmul(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def bf16_rounded_matmul(matmul: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """What `int8_matmul` computes, by `matmul` (`fp32_matmul` over the rounded weight): activations
-    and result rounded to bf16 alike, so that a sequence's tokens do not depend on how many rows
-    share its step (beyond fp32 summation order)."""
+    """What `int8_matmul` computes, by `matmul` (`plain_matmul` over the rounded weight): fp32
+    activations and result rounded to bf16 alike (bf16 ones already are), so that a sequence's
+    tokens do not depend on how many rows share its step (beyond summation order)."""
+    if x.dtype == torch.bfloat16:
+        return matmul(x)
     y = matmul(x.to(torch.bfloat16).to(x.dtype))
     return y.to(torch.bfloat16).to(x.dtype)
 
 
 def measure_crossover(matmul: Callable[[torch.Tensor], torch.Tensor], q: torch.Tensor, scales: torch.Tensor,
-                      repeats: int = 7) -> int:
-    """The most rows at which the int8 kernel still beats the fp32 `matmul` over the same weight
-    (0: never), both timed in turns (`median_in_turns`), as MoEFFN.tune_dispatch does."""
+                      dtype: torch.dtype, repeats: int = 7) -> int:
+    """The most rows at which the int8 kernel still beats `matmul` (of activations of `dtype`)
+    over the same weight (0: never), both timed in turns (`median_in_turns`), as
+    MoEFFN.tune_dispatch does."""
     crossover = 0
     for n in CROSSOVER_CANDIDATES:
-        x = torch.randn(n, q.shape[1])
-        t = median_in_turns({"fp32": lambda: bf16_rounded_matmul(matmul, x),
+        x = torch.randn(n, q.shape[1]).to(dtype)
+        t = median_in_turns({"plain": lambda: bf16_rounded_matmul(matmul, x),
                              "int8": lambda: int8_matmul(q, scales, x)}, repeats)
-        if t["int8"] >= t["fp32"]:
+        if t["int8"] >= t["plain"]:
             break
         crossover = n
     return crossover
@@ -92,17 +112,18 @@ def measure_crossover(matmul: Callable[[torch.Tensor], torch.Tensor], q: torch.T
 
 class Int8Kernel:
     """x @ weight.T (+ bias) for a weight on its rows' int8 grid: the int8 kernel up to
-    `crossover` rows, the fp32 matmul over the same values beyond (see the module docstring)."""
+    `crossover` rows, the weight dtype's matmul over the same values beyond (see the module
+    docstring). Activations come in the weight's dtype."""
 
     def __init__(self, weight: torch.Tensor, crossovers: dict[tuple, int], bias: torch.Tensor | None = None,
                  scales: torch.Tensor | None = None):
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.q, self.scales = int8_rows(self.weight, scales)
-        self.matmul = fp32_matmul(self.weight)
+        self.matmul = plain_matmul(self.weight)
         key = tuple(self.weight.shape)
         if key not in crossovers:
-            crossovers[key] = measure_crossover(self.matmul, self.q, self.scales)
+            crossovers[key] = measure_crossover(self.matmul, self.q, self.scales, self.weight.dtype)
         self.crossover = crossovers[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +171,7 @@ def quantize_moe_(moe: MoEFFN, crossovers: dict[tuple, int]) -> None:
 
 @torch.no_grad()
 def quantize_int8(model: nn.Module) -> dict[tuple, int]:
-    """Round every linear weight of `model` (an fp32 CPU model) to int8 in place and run it
+    """Round every linear weight of `model` (an fp32 or bf16 CPU model) to int8 in place and run it
     through `Int8Kernel`; returns the measured crossover per weight shape. A tied LM head rounds
     the token embeddings too (each token's row with its own scale)."""
     crossovers: dict[tuple, int] = {}

@@ -16,7 +16,8 @@ where MKL is slow at decode-sized row counts, a dense fp32 step ran 1.2-1.4x fas
 without native bf16 `quantize` "auto" runs fp32 activations over int8 weights instead
 (factorllm/quantize.py): a quarter of the bytes a decode step reads (dense ~1.35x faster than
 fp32 at one sequence on an AVX2 EPYC, about as fast from 8 sequences on, perplexity 1.002x;
-docs/results.md). fp32 with
+docs/results.md). `--quantize int8` on a bf16 CPU keeps bf16 activations: half the bytes, 1.38x
+faster at one sequence on an AMX Xeon, as fast from 8 on (session 21). fp32 with
 the weights as loaded (dtype "float32") is the exactness reference (the tests use it).
 
 Threads: torch's CPU kernels use GNU OpenMP, which gives every thread running parallel regions
@@ -341,10 +342,11 @@ class Engine:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Tune the MoE dispatch, then a profile run (as vLLM does): the largest prefill chunk and
-        the largest decode batch the configuration allows, each twice, so that the allocator
-        reaches its high-water mark before the first request and resident memory stays flat
-        under load (the first pass raises glibc's mmap threshold, the second fills the heap).
+        """Tune the MoE dispatch and (CPU bf16) the decode attention kernel, then a profile run
+        (as vLLM does): the largest prefill chunk and the largest decode batch the configuration
+        allows, each twice, so that the allocator reaches its high-water mark before the first
+        request and resident memory stays flat under load (the first pass raises glibc's mmap
+        threshold, the second fills the heap).
         Then every prepacked kernel at every row bucket (`compile_row_buckets`)."""
         chunk = min(self.config.max_num_batched_tokens, self.max_model_len)
         B, last = self.max_num_seqs, self.max_model_len - 1
@@ -354,6 +356,9 @@ class Engine:
             if key not in tuned:  # up to the prefill chunk; larger (padded) forwards take its path
                 tuned[key] = m.tune_dispatch(max(chunk, B))
             m.use_plan(tuned[key])
+        if self.device.type == "cpu" and self.dtype != torch.float32:
+            plan = self.model.tune_decode_attention(self.cache, B)
+            log.info("decode attention by row count: %s", plan)
         for _ in range(2):
             batch = CacheBatch.build([0], [0], [chunk], self.device)
             h = self.model.hidden_states(torch.zeros(1, chunk, dtype=torch.long, device=self.device),

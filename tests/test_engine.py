@@ -529,13 +529,17 @@ def test_fused_projections_match_and_save_unfused(sample_tokens):
     assert not m.layers[0].self_attn.qkv_proj.weight[:q_rows].any() and m.layers[0].self_attn.qkv_proj.weight[q_rows:].any()
 
 
-def test_bf16_cached_decode_matches_full_forward(fresh_default_model, sample_tokens):
-    """CPU bf16 decoding attends with its own two batched matmuls over head-major views of the
-    cache: rows at different positions (a mask), in adjacent slots (views) or not (a gather),
-    give the logits of a full bf16 forward over each row's whole text."""
+@pytest.mark.parametrize("path", ["matmuls", "sdpa"])
+def test_bf16_cached_decode_matches_full_forward(fresh_default_model, sample_tokens, path):
+    """CPU bf16 decoding attends by either kernel `tune_decode_attention` picks from (two batched
+    matmuls, or SDPA's flash kernel) over head-major views of the cache: rows at different
+    positions (a mask), in adjacent slots (views) or not (a gather), give the logits of a full
+    bf16 forward over each row's whole text."""
     from factorllm.kv_cache import CacheBatch, KVCache
     m = fresh_default_model.model.to(torch.bfloat16)
     lengths = [9, 17, 23, 14]  # tokens already cached per row; the next one is decoded
+    for layer in m.layers:
+        layer.self_attn.decode_plan = [(len(lengths), path)]
     with torch.inference_mode():
         reference = torch.stack([m(sample_tokens[b:b + 1, :n + 1])[0, n] for b, n in enumerate(lengths)])
         for slots in ([2, 3, 4, 5], [6, 1, 4, 0]):
@@ -548,6 +552,20 @@ def test_bf16_cached_decode_matches_full_forward(fresh_default_model, sample_tok
             logits = m(step, cache=cache, batch=batch)[:, 0]
             assert (logits.argmax(-1) == reference.argmax(-1)).all()
             assert ((logits.float() - reference.float()).abs().max() / reference.float().abs().max()) < 0.05  # bf16 rounding: ~0.025
+
+
+def test_decode_attention_is_tuned_per_row_count(fresh_default_model):
+    """The tuner times both kernels at 1, 2, 4, ... rows (contexts cut to the cache's rows) and
+    gives every layer the plan; larger batches take the largest count's kernel."""
+    from factorllm.kv_cache import KVCache
+    from factorllm.model import decode_attention_path
+    m = fresh_default_model.model.to(torch.bfloat16)
+    cache = KVCache.for_model(m, num_slots=6, max_len=64)
+    plan = m.tune_decode_attention(cache, 6, contexts=(16, 200), repeats=2)
+    assert [n for n, _ in plan] == [1, 2, 4, 6] and {p for _, p in plan} <= {"matmuls", "sdpa"}
+    assert all(layer.self_attn.decode_plan is plan for layer in m.layers)
+    assert decode_attention_path(plan, 5) == plan[3][1] and decode_attention_path(plan, 9) == plan[3][1]
+    assert decode_attention_path([], 3) == "matmuls"
 
 
 def benchmark(name: str):

@@ -13,22 +13,27 @@ from factorllm.quantize import Int8Kernel, int8_rows, quantize_int8, round_rows_
 from server.engine import Engine, EngineConfig, EngineRequest, SamplingParams
 
 
-def test_rounding_is_exact_int8_and_both_kernel_paths_agree(default_model):
-    """Rounded rows hold at most 255 levels that the int8 kernel stores exactly; the int8 kernel
-    (few rows) and the fp32 matmul (many rows) compute the same product of the rounded weight."""
-    w = default_model.model.layers[5].mlp.gate_proj.weight.detach().clone()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rounding_is_exact_int8_and_both_kernel_paths_agree(default_model, dtype):
+    """Rounded rows hold at most 255 levels that the int8 kernel stores exactly (a bf16 weight
+    too: its scales are powers of two); the int8 kernel (few rows) and the weight dtype's matmul
+    (many rows) compute the same product of the rounded weight."""
+    w = default_model.model.layers[5].mlp.gate_proj.weight.detach().to(dtype)
     rounded = w.clone()
-    round_rows_(rounded)
-    assert (rounded - w).abs().max() <= w.abs().amax(1, keepdim=True).max() / 127
+    scales = round_rows_(rounded)
+    assert (rounded.float() - w.float()).abs().max() <= w.float().abs().amax(1, keepdim=True).max() / 127
     assert max(len(r.unique()) for r in rounded) <= 255
-    q, scales = int8_rows(rounded)
-    assert q.dtype == torch.int8 and torch.equal(q.float() * scales.float()[:, None], rounded)
-    x = torch.randn(8, w.shape[1], generator=torch.Generator().manual_seed(0))
-    exact = F.linear(x, rounded)
+    if dtype == torch.bfloat16:
+        assert torch.equal(torch.frexp(scales.float())[0], torch.full_like(scales.float(), 0.5))
+    q, recovered = int8_rows(rounded)
+    assert torch.equal(recovered, scales)
+    assert q.dtype == torch.int8 and torch.equal(q.float() * scales.float()[:, None], rounded.float())
+    x = torch.randn(8, w.shape[1], generator=torch.Generator().manual_seed(0)).to(dtype)
+    exact = F.linear(x.float(), rounded.float())
     kernel = Int8Kernel(rounded, {tuple(rounded.shape): 8})
-    small = kernel(x)  # 8 rows: the int8 kernel
+    small = kernel(x).float()  # 8 rows: the int8 kernel
     kernel.crossover = 0
-    large = kernel(x)  # the fp32 matmul
+    large = kernel(x).float()  # the weight dtype's matmul
     for y in (small, large):  # bf16 activations and results: ~0.3% relative error
         assert (y - exact).norm() / exact.norm() < 0.01
     assert (small - large).abs().max() <= 0.02 * exact.abs().max()
@@ -77,11 +82,14 @@ def test_int8_moe_paths_compute_the_same_layer(default_model):
             assert torch.equal(kernel.q.float() * kernel.scales.float()[:, None], weight)
 
 
-def test_int8_engine_scores_like_fp32_alone_and_batched(default_model, sample_tokens):
-    """The int8 engine's prompt log-probabilities, alone and with the other prompts in one batch,
-    stay close to each other and to the fp32 model's. (Like a bf16 engine, it rounds activations
-    to bf16, so greedy text is not bit-for-bit batch-invariant the way the fp32 engine's is.)"""
-    engine = Engine(default_model, EngineConfig(max_num_seqs=4, max_model_len=256, device="cpu", quantize="int8"))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_engine_scores_like_fp32_alone_and_batched(default_model, sample_tokens, dtype):
+    """The int8 engine's prompt log-probabilities (fp32 or bf16 activations), alone and with the
+    other prompts in one batch, stay close to each other and to the fp32 model's. (Like a bf16
+    engine, it rounds activations to bf16, so greedy text is not bit-for-bit batch-invariant the
+    way the fp32 engine's is.)"""
+    engine = Engine(default_model, EngineConfig(max_num_seqs=4, max_model_len=256, device="cpu", quantize="int8",
+                                                dtype=dtype))
     prompts = [row[:n].tolist() for row, n in zip(sample_tokens, (24, 18, 11, 20))]  # mixed lengths
     params = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=0)
 
@@ -101,7 +109,7 @@ def test_int8_engine_scores_like_fp32_alone_and_batched(default_model, sample_to
             await engine.stop()
         return alone, together
     alone, together = asyncio.run(main())
-    assert engine.dtype == torch.float32 and all(len(o["ids"]) == 4 for o in alone)
+    assert engine.dtype == getattr(torch, dtype) and all(len(o["ids"]) == 4 for o in alone)
     with torch.inference_mode():
         fp32 = default_model.model(sample_tokens).log_softmax(-1)
     batched_gap, fp32_gap = [], []
@@ -117,7 +125,8 @@ def test_int8_engine_scores_like_fp32_alone_and_batched(default_model, sample_to
     assert not isinstance(default_model.model.lm_head, KernelLinear)
 
 
-@pytest.mark.parametrize("kw,message", [(dict(dtype="bfloat16"), "float32"), (dict(quantize="int4"), "auto, none or int8")])
+@pytest.mark.parametrize("kw,message", [(dict(dtype="float16"), "float32 or bfloat16"),
+                                        (dict(quantize="int4"), "auto, none or int8")])
 def test_int8_engine_refuses_what_it_cannot_run(default_model, kw, message):
     with pytest.raises(ValueError, match=message):
         Engine(default_model, EngineConfig(max_num_seqs=1, max_model_len=64, device="cpu",

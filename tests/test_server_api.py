@@ -348,7 +348,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     cases = [(["--model", str(tmp_path / "nope")], {}, "model source not found"),
              ([], {"FACTORLLM_PORT": "eighty"}, "FACTORLLM_PORT"),
              (["--dense", "--preset", "fast"], {}, "--dense cannot be combined"),
-             (["--quantize", "int8", "--dtype", "bfloat16"], {}, "drop --dtype bfloat16 or --quantize int8")]
+             (["--quantize", "int8", "--dtype", "float16"], {}, "drop --dtype float16 or --quantize int8")]
     for args, env, expect in cases:
         with monkeypatch.context() as m:
             for k, v in env.items():
