@@ -141,11 +141,11 @@ def main() -> None:
         for q in quantize:
             eng = off_main_thread(lambda: Engine(loaded, EngineConfig(
                 max_num_seqs=max(conc), max_model_len=max_len, max_num_batched_tokens=max(2048, args.prompt_tokens),
-                device=args.device, dtype="auto" if q == "int8" else dtype, quantize=q,
+                device=args.device, dtype=dtype, quantize=q,
                 prefix_caching=False)))  # the same prompts run again each repeat: compute them every time
             row = name if q == "none" else f"{name}-{q}"
             systems[row] = (lambda n, e=eng: loop.run_until_complete(engine_run_async(e, n, tokens, nucleus)),
-                            q if q != "none" else str(eng.dtype), eng)
+                            str(eng.dtype) + (" + int8 weights" if q == "int8" else ""), eng)
             prefill[row] = lambda e=eng: loop.run_until_complete(engine_prefill_async(e, long_ids))
 
     if "hf" not in skip:

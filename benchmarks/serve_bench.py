@@ -8,7 +8,7 @@ the end, whatever happens.
     python benchmarks/serve_bench.py                                   # ours-dense, ours-quality, ours-fast (+ peers if installed)
     python benchmarks/serve_bench.py --servers ours-dense,ours-fast,vllm --concurrency 1,16 --duration 30
     python benchmarks/serve_bench.py --servers ours-fast --rate 2,4 --num-requests 40   # open loop (Poisson)
-    python benchmarks/serve_bench.py --servers ours-dense,ours-dense-int8,ours-fast-int8 --dtype float32  # int8 weights
+    python benchmarks/serve_bench.py --servers ours-dense,ours-dense-int8,ours-fast-int8   # int8 weights
     python benchmarks/serve_bench.py --external mine=http://127.0.0.1:8000               # a server already running
 
 Per run (one server x one load level): requests/s, output tokens/s, TTFT, ITL (gaps between streamed
@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 BENCH_VENV = REPO / ".venv-bench"
-# "-int8": the same server with int8 weights (`--quantize int8 --dtype float32`), to compare in one run.
+# "-int8": the same server with int8 weights (`--quantize int8`, activations in --dtype), to compare in one run.
 ALL_SERVERS = ("ours-dense", "ours-quality", "ours-fast", "ours-quick", "ours-dense-int8", "ours-quality-int8",
                "ours-fast-int8", "vllm", "transformers-serve")
 DEFAULT_SERVERS = ("ours-dense", "ours-quality", "ours-fast", "vllm", "transformers-serve")
@@ -186,11 +186,11 @@ def make_spec(name: str, model_dir: Path, args) -> ServerSpec | str:
     max_seqs = max(args.concurrency_levels + [16])
     if name.startswith("ours-"):
         base = name.removesuffix("-int8")
-        dtype = "int8" if base != name else args.dtype
+        dtype = f"int8-{args.dtype}" if base != name else args.dtype  # int8 weights, activations in args.dtype
         cmd = [sys.executable, "-m", "factorllm.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
                "--port", str(port), "--max-num-seqs", str(max_seqs), "--max-queued-requests", str(max(64, max_seqs)),
                "--max-model-len", str(args.max_model_len), "--expert-metrics", "off", "--served-model-name", "bench"]
-        cmd += ["--dtype", "float32", "--quantize", "int8"] if dtype == "int8" else ["--dtype", args.dtype]
+        cmd += ["--dtype", args.dtype] + (["--quantize", "int8"] if base != name else [])
         cmd += ["--dense"] if base == "ours-dense" else OURS_FACTOR[base]
         cmd += shlex.split(args.ours_args or "")
         return ServerSpec(name, "ours", cmd, ready_path="/ready", ready_timeout=args.ready_timeout,
@@ -537,8 +537,9 @@ def model_costs(model_dir: Path, factor: dict | None, concurrency: float, input_
         touched = fc.experts * (1.0 - (1.0 - fc.top_k / fc.experts) ** B)
         ffn_frac = (fc.shared_experts + touched) / groups
         router = H * fc.experts
-    wbytes = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}.get(dtype, 2)
-    kv_bytes = 4 if dtype in ("float32", "int8") else 2  # int8 weights run fp32 activations and cache
+    activations = dtype.removeprefix("int8-")  # "int8-<dtype>": int8 weights, activations and cache in <dtype>
+    wbytes = 1 if activations != dtype else {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 2)
+    kv_bytes = 4 if activations == "float32" else 2
     weights_read = (L * (attn_params + router + 3 * H * I * ffn_frac) + V * H) * wbytes
     kv_read = B * 2 * L * kv * ctx * kv_bytes
     return {
@@ -555,7 +556,7 @@ def model_costs(model_dir: Path, factor: dict | None, concurrency: float, input_
 
 
 def roofline(machine: dict, costs: dict, dtype: str, out_tok_s: float) -> dict:
-    peak = machine.get("gemm_flops_bf16" if dtype in ("bfloat16", "float16") else "gemm_flops_fp32")
+    peak = machine.get("gemm_flops_bf16" if dtype.removeprefix("int8-") in ("bfloat16", "float16") else "gemm_flops_fp32")
     flop_bound = peak / costs["flops_per_output_token"] if peak else None
     bw_bound = costs["batch"] * machine["copy_bytes_per_s"] / costs["bytes_per_step"]
     return {"flop_bound_tok_s": flop_bound, "bw_bound_tok_s": bw_bound,
@@ -735,7 +736,7 @@ def parse_args(argv=None):
     p.add_argument("--num-prompts", type=int, default=256, help="distinct prompts, cycled")
     p.add_argument("--warmup", type=int, default=4, help="warm-up requests per server (16 output tokens, 4 at once)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="dtype for every server but the -int8 ones (float32 activations; default bfloat16)")
+                   help="dtype of every server (of the -int8 ones' activations; default bfloat16)")
     p.add_argument("--tf-dtype", default="float32",
                    help="dtype for transformers serve only (default %(default)s: its bf16 CPU path is far slower)")
     p.add_argument("--max-model-len", type=int, default=1024)
