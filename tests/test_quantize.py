@@ -56,30 +56,33 @@ def test_int8_model_keeps_its_quality(default_model, sample_tokens):
     assert abs(int8 - base) / base < 0.01, (int8, base)
 
 
-def test_int8_moe_paths_compute_the_same_layer(default_model):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_moe_paths_compute_the_same_layer(default_model, dtype):
     """A factorized layer's experts are rounded as the masked path packs them, so every dispatch
-    path (masked and kernels through int8 kernels, the others in fp32) computes the same layer."""
+    path (masked and kernels through int8 kernels, the others in the layer's dtype) computes the
+    same layer; the router stays fp32, as engines keep it."""
     from factorllm.factor_config import FactorConfig
     from factorllm.factorize import factorize_layer
     dense = default_model.model.layers[5].mlp
     factor = FactorConfig(experts=28, shared_experts=4, top_k=4, partition="contiguous", router_init="random")
     factor.validate(dense.gate_proj.out_features)
-    moe = factorize_layer(dense, torch.empty(0, 576), factor, 5).eval()
+    moe = factorize_layer(dense, torch.empty(0, 576), factor, 5).eval().to(dtype)
+    moe.router.float()
     layer = torch.nn.Sequential(moe)
     router = moe.router.weight.detach().clone()
     quantize_int8(layer)
     assert torch.equal(moe.router.weight, router) and moe.shared_packed and "kernels" in moe.available_paths
-    x = torch.randn(6, 576, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(6, 576, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.inference_mode():
         _, idx, w = moe.route(x)
-        exact = moe.run_path("grouped", x, idx, w)
+        exact = moe.run_path("grouped", x, idx, w).float()
         for path in ("masked", "kernels", "gathered", "looped", "padded"):
-            out = moe.run_path(path, x, idx, w)
+            out = moe.run_path(path, x, idx, w).float()
             assert (out - exact).norm() / exact.norm() < 0.01, path
         # Each expert's own int8 kernels hold exactly the rounded values the other paths use.
         gate_up, down = moe.expert_kernels[0]
         for kernel, weight in ((gate_up, moe.gate_up()[0]), (down, moe.experts_down[0].t())):
-            assert torch.equal(kernel.q.float() * kernel.scales.float()[:, None], weight)
+            assert torch.equal(kernel.q.float() * kernel.scales.float()[:, None], weight.float())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
