@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -226,9 +227,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per row: q [B, 1, heads, D], k/v [B, kv_heads, S, D] (head-major views of the
-    cache are fine), mask [B, 1, 1, S] bool or None. Scores and softmax in fp32. Returns
-    [B, 1, heads, D]."""
+    """One query per row by two batched matmuls: q [B, 1, heads, D], k/v [B, kv_heads, S, D]
+    (head-major views of the cache are fine), mask [B, 1, 1, S] bool or None. Scores and softmax
+    in fp32. Returns [B, 1, heads, D]."""
     B, _, H, D = q.shape
     KV, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, KV, H // KV, D)                        # query heads grouped by their kv head
@@ -241,10 +242,23 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.reshape(B, 1, H, D)
 
 
+def flash_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+    """`decode_attention` by SDPA, whose CPU flash kernel reads strided cache views in place.
+    (Passing each kv head's query heads as that head's queries instead of `enable_gqa` measured
+    up to 2x faster per layer at 16-32 rows x 100 positions, but not in whole decode steps, and
+    5-10% slower at 1,000 positions: session 21.)"""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                         enable_gqa=q.shape[2] != k.shape[1])
+    return out.transpose(1, 2)
+
+
+DECODE_ATTENTION = {"matmuls": decode_attention, "sdpa": flash_decode_attention}
+
+
 def decode_attention_path(plan: list[tuple[int, str]], rows: int) -> str:
-    """CPU bf16/fp16 decoding's attention kernel for `rows` rows by a plan of (most rows, path)
-    from `Transformer.tune_decode_attention`: "matmuls" (`decode_attention`) or "sdpa" (flash).
-    Untuned: "matmuls"."""
+    """CPU bf16/fp16 decoding's attention kernel (a `DECODE_ATTENTION` key) for `rows` rows by a
+    plan of (most rows, path) from `Transformer.tune_decode_attention`. Untuned: "matmuls"."""
     for max_rows, path in plan:
         if rows <= max_rows:
             return path
@@ -294,9 +308,9 @@ class Attention(nn.Module):
             k, v = cache.update(layer, batch, k, v)  # head-major: [B, KV, span, D]
             # A cached batch says itself whether it needs a causal mask (None: all keys visible).
             causal = mask is None and getattr(batch, "is_causal", True)
-            if (T == 1 and q.dtype in (torch.bfloat16, torch.float16) and not q.is_cuda
-                    and decode_attention_path(self.decode_plan, B) == "matmuls"):
-                return self.o_proj(decode_attention(q, k, v, mask).reshape(B, T, -1))
+            if T == 1 and q.dtype in (torch.bfloat16, torch.float16) and not q.is_cuda:
+                attend = DECODE_ATTENTION[decode_attention_path(self.decode_plan, B)]
+                return self.o_proj(attend(q, k, v, mask).reshape(B, T, -1))
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         out = F.scaled_dot_product_attention(
@@ -354,26 +368,24 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def tune_decode_attention(self, cache, max_rows: int, contexts: tuple[int, ...] = (128, 512),
                               repeats: int = 10) -> list[tuple[int, str]]:
-        """CPU bf16/fp16 decoding: time `decode_attention` (two batched matmuls) against SDPA's
-        flash kernel on rows of `cache` (a KVCache: strided views, as serving reads them) at 1, 2,
+        """CPU bf16/fp16 decoding: time the `DECODE_ATTENTION` kernels (two batched matmuls, SDPA's
+        flash kernel) on rows of `cache` (a KVCache: strided views, as serving reads them) at 1, 2,
         4, ... `max_rows` rows, each at `contexts` positions (times summed); every layer then
         uses the faster per row count. The winner depends on the CPU: on an AVX512 EPYC the
-        matmuls were ~4x faster at 32 rows x 100 positions (session 10); on an AMX Xeon flash is
-        1.3-4x faster at 1-16 rows (session 21, docs/results.md)."""
+        matmuls were ~4x faster than SDPA at 32 rows x 100 positions (session 10); on an AMX
+        Xeon flash is 1.3-5x faster at 1-32 rows (session 21, docs/results.md)."""
         cfg = self.config
-        H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, D = cfg.num_attention_heads, cfg.head_dim
         max_rows = min(max_rows, cache.num_slots)
         counts = [1 << i for i in range(max_rows.bit_length()) if 1 << i < max_rows] + [max_rows]
         plan = []
         for n in counts:
-            total = {"matmuls": 0.0, "sdpa": 0.0}
+            total = dict.fromkeys(DECODE_ATTENTION, 0.0)
             for S in sorted({min(c, cache.max_len) for c in contexts}):
                 k, v = cache.k[0, :n, :, :S], cache.v[0, :n, :, :S]
                 q = torch.randn(n, 1, H, D, dtype=k.dtype, device=k.device)
-                t = median_in_turns({
-                    "matmuls": lambda: decode_attention(q, k, v, None),
-                    "sdpa": lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=H != KV),
-                }, repeats)
+                t = median_in_turns({name: partial(attend, q, k, v, None) for name, attend in DECODE_ATTENTION.items()},
+                                    repeats)
                 for name in total:
                     total[name] += t[name]
             plan.append((n, min(total, key=total.get)))
