@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .timing import median_in_turns
+from .timing import doubling_counts, median_in_turns, planned
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3")
 
@@ -259,10 +259,7 @@ DECODE_ATTENTION = {"matmuls": decode_attention, "sdpa": flash_decode_attention}
 def decode_attention_path(plan: list[tuple[int, str]], rows: int) -> str:
     """CPU bf16/fp16 decoding's attention kernel (a `DECODE_ATTENTION` key) for `rows` rows by a
     plan of (most rows, path) from `Transformer.tune_decode_attention`. Untuned: "matmuls"."""
-    for max_rows, path in plan:
-        if rows <= max_rows:
-            return path
-    return plan[-1][1] if plan else "matmuls"
+    return planned(plan, rows, "matmuls")
 
 
 class Attention(nn.Module):
@@ -377,9 +374,8 @@ class Transformer(nn.Module):
         cfg = self.config
         H, D = cfg.num_attention_heads, cfg.head_dim
         max_rows = min(max_rows, cache.num_slots)
-        counts = [1 << i for i in range(max_rows.bit_length()) if 1 << i < max_rows] + [max_rows]
         plan = []
-        for n in counts:
+        for n in doubling_counts(max_rows):
             total = dict.fromkeys(DECODE_ATTENTION, 0.0)
             for S in sorted({min(c, cache.max_len) for c in contexts}):
                 k, v = cache.k[0, :n, :, :S], cache.v[0, :n, :, :S]

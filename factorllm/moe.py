@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import GatedMLP, activation
-from .timing import median_in_turns
+from .timing import doubling_counts, median_in_turns, planned
 
 GATES = ("sum", "scaled", "weighted")
 # Ways to run the experts on a batch (methods of MoEFFN); `tune_dispatch` picks one per batch size.
@@ -332,10 +332,7 @@ class MoEFFN(nn.Module):
     def path_for(self, tokens: int) -> str:
         if self.keeps_every_expert:
             return "masked"
-        for max_tokens, path in self.dispatch_plan:
-            if tokens <= max_tokens:
-                return path
-        return self.dispatch_plan[-1][1] if self.dispatch_plan else "grouped"
+        return planned(self.dispatch_plan, tokens, "grouped")
 
     def expert_forward(self, e: int, x: torch.Tensor, w: torch.Tensor | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
@@ -500,8 +497,7 @@ class MoEFFN(nn.Module):
             return []
         p = self.experts_gate
         plan, paths = [], list(self.available_paths)
-        counts = [1 << i for i in range(max_tokens.bit_length()) if 1 << i < max_tokens] + [max_tokens]
-        for n in counts:
+        for n in doubling_counts(max_tokens):
             if n > 256 and "gathered" in paths:
                 paths.remove("gathered")
             x = torch.randn(n, p.shape[-1], dtype=p.dtype, device=p.device)

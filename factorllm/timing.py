@@ -26,3 +26,17 @@ def median_in_turns(fns: dict[str, Callable[[], object]], repeats: int, warm_cal
                 sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def doubling_counts(most: int) -> list[int]:
+    """The counts a tuner times up to `most`: 1, 2, 4, ... below it, then `most` itself."""
+    return [1 << i for i in range(most.bit_length()) if 1 << i < most] + [most]
+
+
+def planned(plan: list[tuple[int, str]], count: int, default: str) -> str:
+    """The choice a tuner's plan [(most, choice), ...] (ascending `most`) makes for `count`: the
+    first entry covering it, past the last the last's; `default` when nothing was tuned."""
+    for most, choice in plan:
+        if count <= most:
+            return choice
+    return plan[-1][1] if plan else default
