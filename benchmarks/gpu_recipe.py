@@ -6,7 +6,11 @@ dense teacher on self-generated text, and evaluate perplexity (WikiText-2) and P
 dense model. Prints the eval table and writes JSON; --save keeps the trained checkpoints.
 
   python benchmarks/gpu_recipe.py                       # on a GPU: the full recipe
+  python benchmarks/gpu_recipe.py --configs fine-50 --distill-seconds 300   # one configuration, 5 minutes of training
   python benchmarks/gpu_recipe.py --device cpu --tiny   # a smoke run of the same code on CPU
+
+Each row is printed and the JSON rewritten as soon as it is measured, so a run cut short (a device
+lent for a fixed time) still leaves every finished row.
 """
 from __future__ import annotations
 
@@ -53,7 +57,9 @@ def main(argv=None) -> int:
                    help="self-generated windows for distillation (512 until session 21, whose fresh text showed "
                         "them memorized: KL 0.20 on them, 0.50 on new windows)")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=400, help="distillation steps per configuration")
+    p.add_argument("--steps", type=int, default=400, help="distillation steps per configuration (with "
+                                                          "--distill-seconds: the most)")
+    p.add_argument("--distill-seconds", type=float, help="time budget per configuration's distillation")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ppl", default=str(DATA / "wikitext2-valid.tokens.txt"))
@@ -79,7 +85,9 @@ def main(argv=None) -> int:
     print(f"sampled {sample.numel():,} tokens of training text in {time.perf_counter() - t0:.0f} s", flush=True)
     opts = dict(ppl_file=args.ppl, mc_file=args.mc, limit=args.limit, ppl_tokens=args.ppl_tokens, progress=False)
     base = evaluate(dense, **opts)
-    rows = [{"config": "dense", "stage": "-", **base}]
+    rows = []
+    print(HEADER, flush=True)
+    record(rows, {"config": "dense", "stage": "-", **base}, base, args.json)
     for name in args.configs:
         factor = FactorConfig(**CONFIGS[name]).validate(dense.model.config.intermediate_size)
         student = copy.copy(dense)
@@ -88,34 +96,45 @@ def main(argv=None) -> int:
         factorize(student.model, factor, calib.to(device))
         student.model.to(device)
         student.factor = factor
-        rows.append({"config": name, "stage": "layer-wise", "seconds": time.perf_counter() - t0,
-                     **evaluate(student, **opts)})
+        record(rows, {"config": name, "stage": "layer-wise", "seconds": time.perf_counter() - t0,
+                      **evaluate(student, **opts)}, base, args.json)
         cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, router_lr=3 * args.lr,
-                            warmup=max(args.steps // 10, 1))
+                            warmup=max(args.steps // 10, 1), seconds=args.distill_seconds)
         t0 = time.perf_counter()
         hist = distill(student.model, dense.model, train, cfg)
-        factor.trained["distill"] = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        factor.trained["distill"] = {"steps": hist["steps"], "batch_size": args.batch_size, "lr": args.lr,
                                      "data": "self-generated", "final_kl": hist["history"][-1]["kl"]}
-        rows.append({"config": name, "stage": f"+distill {args.steps}", "seconds": time.perf_counter() - t0,
-                     **evaluate(student, **opts)})
+        seconds = time.perf_counter() - t0
         if args.save:
             save_checkpoint(student, factor, Path(args.save) / name)
-    print("\n| config | stage | active FFN | ppl | ppl ratio | acc | acc_norm | above-chance ret. | tok/s | s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        c = compare(r, base)
-        r.update(c)
-
-        def f(v, spec):
-            return "-" if v is None else spec.format(v)
-        print(f"| {r['config']} | {r['stage']} | {r['active_ffn_fraction']:.3f} | {f(r['ppl'], '{:.2f}')} | "
-              f"{f(c['ppl_ratio'], '{:.3f}')} | {f(r['acc'], '{:.3f}')} | {f(r['acc_norm'], '{:.3f}')} | "
-              f"{f(c['acc_above_chance_retention'], '{:.2f}')} | {f(r['tokens_per_s'], '{:.0f}')} | "
-              f"{f(r.get('seconds'), '{:.0f}')} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(rows, indent=2))
+        record(rows, {"config": name, "stage": f"+distill {hist['steps']}", "seconds": seconds,
+                      "distill_tokens_per_s": hist["tokens_per_s"], **evaluate(student, **opts)}, base, args.json)
+    print("\n" + HEADER)
+    print("\n".join(table_row(r) for r in rows))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s; wrote {args.json}")
     return 0
+
+
+HEADER = ("| config | stage | active FFN | ppl | ppl ratio | acc | acc_norm | above-chance ret. | tok/s | s |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def table_row(r: dict) -> str:
+    def f(v, spec):
+        return "-" if v is None else spec.format(v)
+    return (f"| {r['config']} | {r['stage']} | {r['active_ffn_fraction']:.3f} | {f(r['ppl'], '{:.2f}')} | "
+            f"{f(r['ppl_ratio'], '{:.3f}')} | {f(r['acc'], '{:.3f}')} | {f(r['acc_norm'], '{:.3f}')} | "
+            f"{f(r['acc_above_chance_retention'], '{:.2f}')} | {f(r['tokens_per_s'], '{:.0f}')} | "
+            f"{f(r.get('seconds'), '{:.0f}')} |")
+
+
+def record(rows: list[dict], row: dict, base: dict, path: str) -> None:
+    """Add a measured row (with its ratios to the dense `base`), print it and rewrite the JSON."""
+    row.update(compare(row, base))
+    rows.append(row)
+    print(table_row(row), flush=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

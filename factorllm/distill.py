@@ -83,6 +83,7 @@ class DistillConfig:
     seed: int = 0
     save_every: int = 50
     bf16: bool | None = None  # autocast; None: where the device computes bf16 natively
+    seconds: float | None = None  # time budget: `steps` is then the most, see `planned_steps`
 
 
 class HeadLosses(torch.autograd.Function):
@@ -182,10 +183,21 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+TIMED_STEPS = 3  # steps after the first whose speed sets a time budget's step count
+
+
+def planned_steps(cfg: DistillConfig, done: int, elapsed: float, step_seconds: float) -> int:
+    """The schedule's length under a time budget: the steps already done plus as many as fit in
+    what is left of `cfg.seconds` at `step_seconds` each, at most `cfg.steps`."""
+    return max(done, min(cfg.steps, done + int((cfg.seconds - elapsed) / step_seconds)))
+
+
 def distill(student, teacher, tokens: torch.Tensor, cfg: DistillConfig, state_path: str | Path | None = None,
             progress: bool = True) -> dict:
     """Distill `teacher` into `student` on token windows [B, T]. With `state_path`, training state
-    is saved every `save_every` steps and resumed from there if present. Returns loss history."""
+    is saved every `save_every` steps and resumed from there if present. With `cfg.seconds`, the
+    first steps are timed and the schedule (warm-up scaled alike) shortened to what fits in the
+    budget. Returns loss history and the steps run."""
     device = student.lm_head.weight.device
     bf16 = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" or cpu_has_fast_bf16())
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -194,7 +206,7 @@ def distill(student, teacher, tokens: torch.Tensor, cfg: DistillConfig, state_pa
     groups = [g for g in ({"params": routers, "lr": cfg.router_lr}, {"params": others, "lr": cfg.lr}) if g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    start, history = 0, []
+    start, history, total, warmup, planned = 0, [], cfg.steps, cfg.warmup, cfg.seconds is None
     state_path = Path(state_path) if state_path else None
     if state_path and state_path.is_file():
         st = torch.load(state_path, map_location=device, weights_only=True)
@@ -202,6 +214,8 @@ def distill(student, teacher, tokens: torch.Tensor, cfg: DistillConfig, state_pa
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         start, history = st["step"], st["history"]
+        if cfg.seconds is not None and st.get("planned"):  # the budget's plan holds for the resumed run
+            total, warmup, planned = st["total"], st["warmup"], True
     moes = [m for m in student.modules() if isinstance(m, MoEFFN)]
     captured: list[torch.Tensor] = []
     hooks = [m.register_forward_pre_hook(lambda _m, a: captured.append(a[0])) for m in moes] if cfg.balance_weight else []
@@ -210,14 +224,13 @@ def distill(student, teacher, tokens: torch.Tensor, cfg: DistillConfig, state_pa
         teacher = copy.deepcopy(teacher).to(torch.bfloat16)
     teacher.eval()
     student.train()
-    bar = tqdm(range(start, cfg.steps), desc="distilling", unit="step", disable=not progress,
-               initial=start, total=cfg.steps)
-    t0, seen = time.perf_counter(), 0
+    bar = tqdm(desc="distilling", unit="step", disable=not progress, initial=start, total=total)
+    t0, seen, step, timed_from = time.perf_counter(), 0, start, None
     try:
-        for step in bar:
+        while step < total:
             batch = tokens[torch.randint(0, tokens.shape[0], (cfg.batch_size,), generator=gen)].to(device)
             for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = base * lr_factor(step, cfg.warmup, cfg.steps)
+                g["lr"] = base * lr_factor(step, warmup, total)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 with torch.no_grad():
                     t_hidden = teacher.hidden_states(batch)
@@ -236,19 +249,28 @@ def distill(student, teacher, tokens: torch.Tensor, cfg: DistillConfig, state_pa
             opt.step()
             seen += batch.numel()
             history.append({"step": step + 1, "loss": loss.item(), "kl": kl.item()})
-            bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}",
-                            tok_s=f"{seen / (time.perf_counter() - t0):.0f}")
-            if state_path and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            step += 1
+            now = time.perf_counter()
+            if not planned and step == start + 1:
+                timed_from = now  # the first step pays one-off costs (kernel set-up)
+            elif not planned and step == start + 1 + TIMED_STEPS:
+                total = planned_steps(cfg, step, now - t0, (now - timed_from) / TIMED_STEPS)
+                warmup, planned, bar.total = max(1, round(cfg.warmup * total / cfg.steps)), True, total
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}", tok_s=f"{seen / (now - t0):.0f}")
+            if state_path and (step % cfg.save_every == 0 or step == total):
                 state_path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                            "step": step + 1, "history": history, "config": asdict(cfg)}, state_path)
+                            "step": step, "total": total, "warmup": warmup, "planned": planned,
+                            "history": history, "config": asdict(cfg)}, state_path)
     finally:
         for h in hooks:
             h.remove()
         for p in student.parameters():
             p.requires_grad_(False)
         student.eval()
-    return {"history": history, "tokens_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
+        bar.close()
+    return {"history": history, "steps": step, "tokens_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
 
 
 @torch.no_grad()

@@ -149,13 +149,17 @@ def test_mc_reader_formats_and_errors(tmp_path):
             read_mc_items(path)
 
 
-def test_eval_cli_errors_are_one_line(tmp_path, capsys):
+def test_eval_and_train_cli_errors_are_one_line(tmp_path, capsys):
     rc = main(["eval", "--model", "default", "--ppl", str(tmp_path / "missing.txt"), "--no-speed"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "not found" in err
     rc = main(["eval", "--model", "default", "--ppl", write(tmp_path / "e.txt", "  \n"), "--no-speed"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "empty" in err
+    rc = main(["train", "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o"), "--finetune",
+               "--seconds", "0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "--seconds must be positive" in err
 
 
 def test_eval_cli_json(tmp_path, capsys):
@@ -257,3 +261,19 @@ def test_distillation_lowers_kl_and_resumes_from_its_state(tmp_path, default_mod
     resumed = distill(twin, default_model.model, sample_tokens, cfg, state_path=state, progress=False)
     assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
     assert resumed["history"][-1]["kl"] == pytest.approx(full["history"][-1]["kl"], rel=1e-4)
+
+
+def test_a_time_budget_sets_the_step_count(default_model, fresh_default_model, sample_tokens):
+    """`DistillConfig.seconds`: the schedule gets the steps that fit in what is left after the first
+    ones are timed, never more than `steps`; a spent budget stops right after the timed steps."""
+    from factorllm.distill import TIMED_STEPS, DistillConfig, distill, planned_steps
+    from factorllm.factorize import factorize
+    cfg = DistillConfig(steps=100, seconds=10.0)
+    assert planned_steps(cfg, done=4, elapsed=2.0, step_seconds=0.5) == 4 + 16
+    assert planned_steps(cfg, done=4, elapsed=12.0, step_seconds=0.5) == 4
+    assert planned_steps(cfg, done=4, elapsed=0.0, step_seconds=0.01) == 100
+    factor = FactorConfig(experts=8, top_k=4, partition="contiguous", router_init="random")
+    student = factorize(fresh_default_model.model, factor, None)
+    spent = DistillConfig(steps=50, batch_size=1, seconds=0.0, bf16=False)
+    result = distill(student, default_model.model, sample_tokens, spent, progress=False)
+    assert result["steps"] == len(result["history"]) == 1 + TIMED_STEPS

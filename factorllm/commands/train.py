@@ -37,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="closed-form refit of the down projections")
     g = p.add_argument_group("distillation (--finetune)")
     g.add_argument("--finetune", action="store_true", help="end-to-end logit distillation from the teacher")
-    g.add_argument("--steps", type=int, default=200, help="distillation steps")
+    g.add_argument("--steps", type=int, default=200, help="distillation steps (with --seconds: the most)")
+    g.add_argument("--seconds", type=float, help="time budget for distillation: its schedule is cut to the steps "
+                                                 "that fit, timed on the first steps")
     g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--lr", type=float, default=2e-4, help="learning rate of the experts")
     g.add_argument("--router-lr", type=float, default=1e-3)
@@ -51,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.seconds is not None and args.seconds <= 0:
+        raise UsageError(f"--seconds must be positive, got {args.seconds}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_model(args.model)
     if loaded.factor is None:
@@ -72,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.finetune:
         cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
                             warmup=max(args.steps // 10, 1), train=tuple(args.train), ce_weight=args.ce_weight,
-                            balance_weight=args.balance_weight, seed=args.seed, bf16=args.bf16)
+                            balance_weight=args.balance_weight, seed=args.seed, bf16=args.bf16,
+                            seconds=args.seconds)
         result = distill(student, dense, tokens, cfg, state_path=f"{args.out}.train_state.pt")
         trained["distill"] = {**asdict(cfg), "data": args.data, "final_kl": result["history"][-1]["kl"]}
     loaded.factor.trained = trained
