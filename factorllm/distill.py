@@ -189,7 +189,7 @@ TIMED_STEPS = 3  # steps after the first whose speed sets a time budget's step c
 def planned_steps(cfg: DistillConfig, done: int, elapsed: float, step_seconds: float) -> int:
     """The schedule's length under a time budget: the steps already done plus as many as fit in
     what is left of `cfg.seconds` at `step_seconds` each, at most `cfg.steps`."""
-    return max(done, min(cfg.steps, done + int((cfg.seconds - elapsed) / step_seconds)))
+    return max(done, min(cfg.steps, done + int((cfg.seconds - elapsed) / max(step_seconds, 1e-9))))
 
 
 def distill(student, teacher, tokens: torch.Tensor, cfg: DistillConfig, state_path: str | Path | None = None,
