@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
                             balance_weight=args.balance_weight, seed=args.seed, bf16=args.bf16,
                             seconds=args.seconds)
         result = distill(student, dense, tokens, cfg, state_path=f"{args.out}.train_state.pt")
-        trained["distill"] = {**asdict(cfg), "data": args.data, "final_kl": result["history"][-1]["kl"]}
+        trained["distill"] = {**asdict(cfg), "steps_run": result["steps"], "data": args.data,
+                              "final_kl": result["history"][-1]["kl"]}
     loaded.factor.trained = trained
     loaded.model = student.float().cpu()
     out = save_checkpoint(loaded, loaded.factor, args.out)
