@@ -57,6 +57,8 @@ def main(argv=None) -> int:
                    help="self-generated windows for distillation (512 until session 21, whose fresh text showed "
                         "them memorized: KL 0.20 on them, 0.50 on new windows)")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--sample-batch", type=int, default=512,
+                   help="windows sampled at once (their KV cache: ~7 MB each at 256 tokens)")
     p.add_argument("--steps", type=int, default=400, help="distillation steps per configuration (with "
                                                           "--distill-seconds: the most)")
     p.add_argument("--distill-seconds", type=float, help="time budget per configuration's distillation")
@@ -78,9 +80,9 @@ def main(argv=None) -> int:
     dense = load_model(args.model)
     dense.model.to(device).eval()
     t0 = time.perf_counter()
-    total = args.calib_seqs + args.train_seqs  # drawn 512 at a time: each draw's KV cache stays a few GB
-    sample = torch.cat([sample_from_model(dense.model, dense.tokenizer, min(512, total - start), args.seq_len,
-                                          seed=1 + start // 512) for start in range(0, total, 512)])
+    total, draw = args.calib_seqs + args.train_seqs, args.sample_batch
+    sample = torch.cat([sample_from_model(dense.model, dense.tokenizer, min(draw, total - start), args.seq_len,
+                                          seed=1 + start // draw) for start in range(0, total, draw)])
     calib, train = sample[:args.calib_seqs], sample[args.calib_seqs:]
     print(f"sampled {sample.numel():,} tokens of training text in {time.perf_counter() - t0:.0f} s", flush=True)
     opts = dict(ppl_file=args.ppl, mc_file=args.mc, limit=args.limit, ppl_tokens=args.ppl_tokens, progress=False)

@@ -198,8 +198,8 @@ def kl_to(dense, student, tokens) -> float:
 
 def test_train_cli_recovers_a_checkpoint_layer_by_layer(tmp_path, default_model, sample_tokens):
     """`factorllm train` (PAR routers + down refit, each layer on the student's own inputs, then two
-    distillation steps) moves a paper-style checkpoint (contiguous split, untrained random router) toward its dense teacher on
-    held-out text."""
+    distillation steps) moves a paper-style checkpoint (contiguous split, untrained random router)
+    toward its dense teacher on held-out text."""
     from factorllm.loading import load_model
     ck, trained = tmp_path / "ck", tmp_path / "trained"
     assert main(["factorize", "--experts", "8", "--top-k", "4", "--partition", "contiguous",
