@@ -88,7 +88,7 @@ class MoEFFN(nn.Module):
         self.shared = GatedMLP(hidden, shared_size, act) if shared_size else None
         # Also an empty dispatch_plan: [(max_tokens, path)], ascending, the dispatch path to use up
         # to each token count, measured by tune_dispatch; beyond the last entry, the last entry's
-        # path; untuned, "grouped" (path_for).
+        # path; untuned, `sorted_path` (path_for).
         self.set_top_k(top_k)
         self.collect_stats = True
         self.time_experts = False
@@ -293,7 +293,7 @@ class MoEFFN(nn.Module):
             return self.run_path(path, x, idx, weights, out)
         _, idx, weights = self.route(x)
         if path == "padded" and self.padding_ratio(idx) > MAX_PADDING:
-            path = "grouped"
+            path = self.sorted_path
         return self.run_path(path, x, idx, weights)
 
     def run_path(self, path: str, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None,
@@ -332,7 +332,7 @@ class MoEFFN(nn.Module):
     def path_for(self, tokens: int) -> str:
         if self.keeps_every_expert:
             return "masked"
-        return planned(self.dispatch_plan, tokens, "grouped")
+        return planned(self.dispatch_plan, tokens, self.sorted_path)
 
     def expert_forward(self, e: int, x: torch.Tensor, w: torch.Tensor | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
@@ -454,8 +454,21 @@ class MoEFFN(nn.Module):
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     @property
+    def grouped_fits(self) -> bool:
+        """`F.grouped_mm` wants 16-byte aligned rows: E and H elements of the experts' dtype (the
+        12-neuron experts of a 128-group split are 24 bytes in bf16: the server failed to start)."""
+        size = self.experts_down.element_size()
+        return self.expert_size * size % 16 == 0 and self.experts_down.shape[-1] * size % 16 == 0
+
+    @property
+    def sorted_path(self) -> str:
+        """The path for pairs sorted by expert: `grouped`, or `looped` where grouped_mm cannot run."""
+        return "grouped" if self.grouped_fits else "looped"
+
+    @property
     def available_paths(self) -> tuple[str, ...]:
-        return tuple(p for p in DISPATCH_PATHS if p != "kernels" or self.expert_kernels)
+        return tuple(p for p in DISPATCH_PATHS
+                     if (p != "kernels" or self.expert_kernels) and (p != "grouped" or self.grouped_fits))
 
     def masked(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None,
                packed_out: torch.Tensor | None = None) -> torch.Tensor:

@@ -389,6 +389,28 @@ def test_dispatch_paths_agree(default_model, tokens, monkeypatch):
         torch.testing.assert_close(o, outs[0], rtol=1e-4, atol=1e-3)
 
 
+def test_experts_too_narrow_for_grouped_mm_take_the_loop(default_model):
+    """128 experts of 12 neurons in bf16 (rows of 24 bytes; `F.grouped_mm` wants multiples of 16):
+    no `grouped` among the paths, untuned forwards take `looped`, tuning runs, and every path
+    agrees with the loop over experts."""
+    from factorllm.factorize import factorize_layer
+    dense = default_model.model.layers[3].mlp
+    factor = FactorConfig(experts=128, top_k=16, partition="contiguous", router_init="random")
+    factor.validate(dense.gate_proj.out_features)
+    moe = factorize_layer(dense, torch.empty(0, 576), factor, 3).eval()
+    assert moe.grouped_fits and moe.sorted_path == "grouped"  # fp32: 48-byte rows
+    moe.to(torch.bfloat16)
+    assert not moe.grouped_fits and "grouped" not in moe.available_paths and moe.path_for(7) == "looped"
+    x = torch.randn(24, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        _, idx, w = moe.route(x)
+        reference = moe.looped(x, idx, w)
+        outs = {p: getattr(moe, p)(x, idx, w) for p in moe.available_paths} | {"forward": moe(x)}
+        assert [n for n, _ in moe.tune_dispatch(4, repeats=1)] == [1, 2, 4]
+    for path, o in outs.items():  # bf16 sums in different orders
+        assert (o.float() - reference.float()).norm() < 0.01 * reference.float().norm(), path
+
+
 @pytest.mark.parametrize("gate", ["sum", "scaled", "weighted"])
 def test_training_path_gradients_match_the_expert_loop(default_model, gate):
     """With gradients on, the layer runs `masked` (every expert, unchosen ones zeroed): the output
