@@ -179,6 +179,15 @@ def factor_recipe(name: str) -> dict | None:
     return None
 
 
+def listed_model(url: str) -> str:
+    """The model an already running OpenAI-compatible server lists first at /v1/models: what its
+    requests must name ("bench", as the servers started here are named, if it lists none)."""
+    try:
+        return httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        return "bench"
+
+
 def make_spec(name: str, model_dir: Path, args) -> ServerSpec | str:
     """The spec of a server, or a string saying why it cannot run here."""
     port = free_port()
@@ -722,7 +731,8 @@ def parse_args(argv=None):
                    help=f"comma-separated, from {', '.join(ALL_SERVERS)} (default: %(default)s; peers not "
                         "installed are skipped)")
     p.add_argument("--external", action="append", default=[], metavar="NAME=URL",
-                   help="also benchmark a server already running at URL (not started or stopped here)")
+                   help="also benchmark a server already running at URL (not started or stopped here); requests "
+                        "name the model it lists first at /v1/models ($BENCH_MODEL overrides)")
     p.add_argument("--model", default="default",
                    help="dense Hugging Face directory every server serves (default: the converted default model)")
     p.add_argument("--concurrency", default="1,4,16,64", help="closed-loop levels (default %(default)s)")
@@ -803,7 +813,8 @@ def main(argv=None) -> int:
         name, _, url = ext.partition("=")
         if not url:
             raise SystemExit(f"--external wants NAME=URL, got {ext!r}")
-        specs.append(ServerSpec(name, "external", url=url.rstrip("/"), model_name=os.environ.get("BENCH_MODEL", "bench"),
+        url = url.rstrip("/")
+        specs.append(ServerSpec(name, "external", url=url, model_name=os.environ.get("BENCH_MODEL") or listed_model(url),
                                 forces_length=True, dtype=args.dtype))
 
     levels = [("closed", c, None) for c in args.concurrency_levels] if not args.rates else \

@@ -96,6 +96,24 @@ def test_serve_bench_smoke_against_our_server(tmp_path):
         os.killpg(report["servers"]["ours-quick"]["pid"], 0)
 
 
+def test_serve_bench_against_a_running_server_names_its_model(tmp_path, served):
+    """--external: a server started elsewhere, under its own model name (not "bench"), is measured
+    without errors: the requests name the model the server lists."""
+    out = tmp_path / "ext.json"
+    cmd = [sys.executable, str(SCRIPT), "--servers", "", "--external", f"shared={served.url}", "--concurrency", "2",
+           "--duration", "3", "--input-len", "32", "--output-len", "8", "--num-prompts", "4", "--warmup", "1",
+           "--no-roofline", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_MODEL"}
+    env.setdefault("FACTORLLM_CACHE", str(REPO / ".cache" / "factorllm"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["skipped"] == {}, report["skipped"]
+    (run,) = report["runs"]
+    assert run["summary"]["errors"] == 0 and run["summary"]["completed"] >= 2, run["summary"]["error_samples"]
+    assert "| shared | c=2 |" in proc.stdout
+
+
 def test_table_ratios_and_targets():
     sb = load_bench()
 
