@@ -332,7 +332,7 @@ class MoEFFN(nn.Module):
     def path_for(self, tokens: int) -> str:
         if self.keeps_every_expert:
             return "masked"
-        return planned(self.dispatch_plan, tokens, self.sorted_path)
+        return planned(self.dispatch_plan, tokens, None) or self.sorted_path  # checked only when untuned
 
     def expert_forward(self, e: int, x: torch.Tensor, w: torch.Tensor | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:

@@ -33,7 +33,7 @@ def doubling_counts(most: int) -> list[int]:
     return [1 << i for i in range(most.bit_length()) if 1 << i < most] + [most]
 
 
-def planned(plan: list[tuple[int, str]], count: int, default: str) -> str:
+def planned(plan: list[tuple[int, str]], count: int, default: str | None) -> str | None:
     """The choice a tuner's plan [(most, choice), ...] (ascending `most`) makes for `count`: the
     first entry covering it, past the last the last's; `default` when nothing was tuned."""
     for most, choice in plan:
