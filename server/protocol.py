@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_LOGPROBS = 5
 
@@ -127,6 +127,32 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # Accepted only where ignoring them changes nothing: a client asking for JSON or tool calls
+    # should hear that it gets neither, not find out from the text.
+    response_format: dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v):
+        if v is not None and v.get("type", "text") != "text":
+            raise ValueError(f"type {v.get('type')!r} is not supported (only 'text': no structured output)")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tool_calls(cls, v, info: ValidationInfo):
+        if v and info.data.get("tool_choice") != "none":
+            raise ValueError("tool calling is not supported: send no tools, or tool_choice 'none'")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, v, info: ValidationInfo):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return v
 
     @property
     def output_limit(self) -> int | None:

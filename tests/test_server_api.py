@@ -176,6 +176,17 @@ def test_errors_in_openai_shape(served, oai):
     openai_error(_post(u, "/v1/chat/completions", {"messages": []}), 400)
     openai_error(_post(u, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}), 400)
     openai_error(_post(u, "/v1/completions", {"prompt": [10 ** 9]}), 400)  # token id out of range
+    # What the server cannot honour is refused, not silently ignored: JSON mode, tool calls,
+    # top_logprobs without logprobs (each with its param); their harmless forms pass.
+    chat = dict(model=oai.models.list().data[0].id, max_tokens=1, messages=[{"role": "user", "content": "hi"}])
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"tools": [tool]}, "tools"), ({"top_logprobs": 2}, "top_logprobs")):
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.chat.completions.create(**chat, **extra)
+        assert e.value.body["param"] == param and "Value error" not in e.value.body["message"]
+    for extra in ({"response_format": {"type": "text"}}, {"tools": [tool], "tool_choice": "none"}):
+        assert oai.chat.completions.create(**chat, **extra).choices[0].finish_reason == "length"
     err = openai_error(_post(u, "/v1/completions", {"prompt": "x", "model": "gpt-17"}), 404)
     assert err["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
