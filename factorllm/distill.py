@@ -84,6 +84,10 @@ class DistillConfig:
     save_every: int = 50
     bf16: bool | None = None  # autocast; None: where the device computes bf16 natively
     seconds: float | None = None  # time budget: `steps` is then the most, see `planned_steps`
+    # torch.compile the student's forward (and so its backward): the elementwise work of norms,
+    # rotary embeddings and the masked experts fuses; on a 2-core CPU the steps ran 1.46x faster
+    # after a ~40-80 s first step (docs/results.md, session 23). Needs a C++ compiler on CPU.
+    compile: bool = False
 
 
 class HeadLosses(torch.autograd.Function):
@@ -228,6 +232,7 @@ def distill(student, teacher, tokens: torch.Tensor, cfg: DistillConfig, state_pa
         teacher = copy.deepcopy(teacher).to(torch.bfloat16)
     teacher.eval()
     student.train()
+    student_forward = torch.compile(student.hidden_states) if cfg.compile else student.hidden_states
     bar = tqdm(desc="distilling", unit="step", disable=not progress, initial=start, total=total)
     t0, seen, step, timed_from = time.perf_counter(), 0, start, None
     try:
@@ -239,7 +244,7 @@ def distill(student, teacher, tokens: torch.Tensor, cfg: DistillConfig, state_pa
                 with torch.no_grad():
                     t_hidden = teacher.hidden_states(batch)
                 captured.clear()
-                s_hidden = student.hidden_states(batch)
+                s_hidden = student_forward(batch)
             targets = F.pad(batch[:, 1:], (0, 1), value=-1) if cfg.ce_weight else None
             kl, ce = head_losses(s_hidden, student.lm_head.weight, t_hidden, teacher.lm_head.weight,
                                  cfg.temperature, targets)

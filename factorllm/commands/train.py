@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on CUDA and on CPUs with native bf16)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the student (CPU: ~1.5x faster steps after a first step of a minute or "
+                        "two; needs a C++ compiler)")
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
                             warmup=max(args.steps // 10, 1), train=tuple(args.train), ce_weight=args.ce_weight,
                             balance_weight=args.balance_weight, seed=args.seed, bf16=args.bf16,
-                            seconds=args.seconds)
+                            seconds=args.seconds, compile=args.compile)
         result = distill(student, dense, tokens, cfg, state_path=f"{args.out}.train_state.pt")
         trained["distill"] = {**asdict(cfg), "steps_run": result["steps"], "data": args.data,
                               "final_kl": result["history"][-1]["kl"]}
