@@ -214,6 +214,17 @@ def test_train_cli_recovers_a_checkpoint_layer_by_layer(tmp_path, default_model,
     assert after.factor.trained["par"]["label"] == "greedy"
     assert after.factor.trained["refit"]["err_after"] < after.factor.trained["refit"]["err_before"]
     assert after.factor.trained["distill"]["steps_run"] == 2  # a budget never binding leaves --steps
+    assert after.factor.trained["data"] == data
+    # Without --data the teacher writes the text (as factorize calibrates without --calib).
+    sampled = tmp_path / "sampled"
+    assert main(["train", "--model", str(ck), "--out", str(sampled), "--seq-len", "32", "--par-seqs", "2",
+                 "--par-steps", "5", "--no-refit"]) == 0
+    routed = load_model(str(sampled))
+    assert routed.factor.trained["data"].startswith("sampled from the teacher: 2 windows of 32 tokens")
+    assert routed.factor.trained["par"]["label"] == "greedy" and "distill" not in routed.factor.trained
+    moved = [not torch.equal(a.mlp.router.weight, b.mlp.router.weight)
+             for a, b in zip(before.model.layers, routed.model.layers)]
+    assert sum(moved) >= len(moved) - 1  # every router trained (a dense first layer may keep all experts)
 
 
 # ---------------------------------------------------------------- distillation

@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import torch
 
-from ..calibration import read_text, tokens_from_text
+from ..calibration import read_text, sample_from_model, tokens_from_text
 from ..checkpoint import save_checkpoint
 from ..distill import DistillConfig, distill, recover_layers
 from ..errors import SourceError, UsageError
@@ -23,7 +23,8 @@ HELP = "train a factorized checkpoint's routers (PAR) and experts against its de
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_argument(p)
-    p.add_argument("--data", required=True, help="training text file (plain UTF-8)")
+    p.add_argument("--data", help="training text file (plain UTF-8; default: text sampled from the teacher, "
+                                  "--max-seqs windows with --finetune, --par-seqs without)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--teacher", help="dense teacher (default: the checkpoint's base model)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
@@ -69,8 +70,13 @@ def run(args: argparse.Namespace) -> int:
         raise SourceError(f"cannot load the teacher ({e}); give --teacher") from None
     if teacher.factor is not None:
         raise UsageError(f"the teacher {teacher_src} must be a dense model")
-    tokens = tokens_from_text(loaded.tokenizer, read_text(args.data), args.max_seqs, args.seq_len)
     student, dense = loaded.model.to(device), teacher.model.to(device).eval()
+    if args.data:
+        tokens, data = tokens_from_text(loaded.tokenizer, read_text(args.data), args.max_seqs, args.seq_len), args.data
+    else:  # as factorize calibrates without --calib: the teacher's own text, no data set needed
+        windows = args.max_seqs if args.finetune else args.par_seqs
+        tokens = sample_from_model(dense, teacher.tokenizer, windows, args.seq_len, seed=args.seed).cpu()
+        data = f"sampled from the teacher: {windows} windows of {args.seq_len} tokens, seed {args.seed}"
     trained = dict(loaded.factor.trained)
     if args.par != "none" or args.refit:
         pick = torch.linspace(0, tokens.shape[0] - 1, min(args.par_seqs, tokens.shape[0])).round().long()
@@ -82,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
                             balance_weight=args.balance_weight, seed=args.seed, bf16=args.bf16,
                             seconds=args.seconds, compile=args.compile)
         result = distill(student, dense, tokens, cfg, state_path=f"{args.out}.train_state.pt")
-        trained["distill"] = {**asdict(cfg), "steps_run": result["steps"], "data": args.data,
+        trained["distill"] = {**asdict(cfg), "steps_run": result["steps"],
                               "final_kl": result["history"][-1]["kl"]}
+    trained["data"] = data
     loaded.factor.trained = trained
     loaded.model = student.float().cpu()
     out = save_checkpoint(loaded, loaded.factor, args.out)
