@@ -85,8 +85,9 @@ class DistillConfig:
     bf16: bool | None = None  # autocast; None: where the device computes bf16 natively
     seconds: float | None = None  # time budget: `steps` is then the most, see `planned_steps`
     # torch.compile the student's forward (and so its backward): the elementwise work of norms,
-    # rotary embeddings and the masked experts fuses; on a 2-core CPU the steps ran 1.46x faster
-    # after a ~40-80 s first step (docs/results.md, session 23). Needs a C++ compiler on CPU.
+    # rotary embeddings and the masked experts fuses; on a 2-core CPU the steps ran 1.39x faster
+    # after a first step that compiles (~1.5 min cold; docs/results.md, session 23). Needs a C++
+    # compiler on CPU.
     compile: bool = False
 
 
@@ -119,7 +120,7 @@ class HeadLosses(torch.autograd.Function):
             s_logp = (s_logits if tau == 1 else s_logits / tau).log_softmax(-1)
             p = t_logp.exp()
             chunk_grads = []
-            if counted:  # at temperature 1, the KL's log-softmax
+            if counted:  # cross-entropy at temperature 1: when tau is 1, the KL's log-softmax
                 t = targets[i:i + rows]
                 keep = t >= 0
                 logp = s_logp if tau == 1 else s_logits.log_softmax(-1)
