@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -275,6 +276,7 @@ def test_distillation_lowers_kl_and_resumes_from_its_state(tmp_path, default_mod
     assert resumed["history"][-1]["kl"] == pytest.approx(full["history"][-1]["kl"], rel=1e-4)
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_distillation_trains_like_eager(default_model, sample_tokens):
     """`DistillConfig.compile`: the student's forward goes through torch.compile (the balance term's
     input hooks included) and three steps on real text, on the model's first two layers, give
