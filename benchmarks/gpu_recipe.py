@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                                                           "--distill-seconds: the most)")
     p.add_argument("--distill-seconds", type=float, help="time budget per configuration's distillation")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--compile", action="store_true", help="torch.compile the student (1.39x faster CPU steps; "
+    p.add_argument("--compile", action="store_true", help="torch.compile the student (1.3-1.4x faster CPU steps; "
                                                          "untried on CUDA)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ppl", default=str(DATA / "wikitext2-valid.tokens.txt"))

@@ -85,7 +85,7 @@ class DistillConfig:
     bf16: bool | None = None  # autocast; None: where the device computes bf16 natively
     seconds: float | None = None  # time budget: `steps` is then the most, see `planned_steps`
     # torch.compile the student's forward (and so its backward): the elementwise work of norms,
-    # rotary embeddings and the masked experts fuses; on a 2-core CPU the steps ran 1.39x faster
+    # rotary embeddings and the masked experts fuses; on a 2-core CPU the steps ran 1.28-1.39x faster
     # after a first step that compiles (~1.5 min cold; docs/results.md, session 23). Needs a C++
     # compiler on CPU.
     compile: bool = False

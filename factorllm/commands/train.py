@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on CUDA and on CPUs with native bf16)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the student (CPU: 1.4x faster steps after a first step that compiles, "
+                   help="torch.compile the student (CPU: 1.3-1.4x faster steps after a first step that compiles, "
                         "~1.5 min; needs a C++ compiler)")
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
