@@ -119,20 +119,20 @@ class HeadLosses(torch.autograd.Function):
             t_logp = (t_logits if tau == 1 else t_logits.div_(tau)).log_softmax(-1)
             s_logp = (s_logits if tau == 1 else s_logits / tau).log_softmax(-1)
             p = t_logp.exp()
-            chunk_grads = []
-            if counted:  # cross-entropy at temperature 1: when tau is 1, the KL's log-softmax
-                t = targets[i:i + rows]
+            ce_grads = []
+            if counted:  # cross-entropy at temperature 1 (when tau is 1, on the KL's log-softmax,
+                t = targets[i:i + rows]  # read before the KL's gradient overwrites it below)
                 keep = t >= 0
                 logp = s_logp if tau == 1 else s_logits.log_softmax(-1)
                 losses[1] -= logp[keep, t[keep]].sum(dtype=torch.float64)
                 probs = logp.exp()
                 probs[keep, t[keep]] -= 1.0
                 probs[~keep] = 0.0
-                chunk_grads.append(probs.div_(counted))
+                ce_grads.append(probs.div_(counted))
             # sum of p (log p - log q) as one dot product: no [rows, V] product, no float64 copy
             # of it (the chunk's head and losses ran 1.8x faster, docs/results.md, session 23)
             losses[0] += torch.dot(p.view(-1), t_logp.sub_(s_logp).view(-1))
-            chunk_grads.insert(0, s_logp.exp_().sub_(p).mul_(tau / n))
+            chunk_grads = [s_logp.exp_().sub_(p).mul_(tau / n)] + ce_grads
             for k, g in enumerate(chunk_grads):
                 g = g.to(dtype)
                 grads[k, i:i + rows] = g @ w
