@@ -273,16 +273,24 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
     # ---- /v1, behind the API key
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(settings, metrics))])
 
-    @v1.get("/models", **_documented(None, ModelList, errors=(401,)))
-    async def models():
+    def card() -> ModelCard:
         factor = state.loaded.factor
         info = None
         if factor is not None:
             layers = state.loaded.model.config.num_hidden_layers
             info = dict(experts=factor.experts, top_k=factor.top_k, shared_experts=factor.shared_experts,
                         active_ffn_fraction=round(factor.active_ffn_fraction(layers), 4))
-        card = ModelCard(id=name, root=str(state.loaded.source), max_model_len=_max_len(state), factorllm=info)
-        return ModelList(data=[card]).model_dump()
+        return ModelCard(id=name, root=str(state.loaded.source), max_model_len=_max_len(state), factorllm=info)
+
+    @v1.get("/models", **_documented(None, ModelList, errors=(401,)))
+    async def models():
+        return ModelList(data=[card()]).model_dump()
+
+    # `path`: served names may hold a slash ("org/model"), as Hugging Face ids do
+    @v1.get("/models/{model_id:path}", **_documented(None, ModelCard, errors=(401, 404)))
+    async def model(model_id: str):
+        _check_model(model_id, name, metrics)
+        return card().model_dump()
 
     async def generate(request: Request, body: type[BaseModel], run):
         _check_serving(state)

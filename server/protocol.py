@@ -107,6 +107,13 @@ class ChatMessage(_Request):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _content_required(self):
+        # Only an assistant turn may come without content (OpenAI: one that made tool calls).
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required for a {self.role!r} message")
+        return self
+
     def text(self) -> str:
         if self.content is None:
             return ""

@@ -112,6 +112,10 @@ NASTY = [
     ("wrong content type", "/v1/completions", b"prompt=x", 400),
     ("no messages", "/v1/chat/completions", _json({"messages": []}), 400),
     ("unknown role", "/v1/chat/completions", _json({"messages": [{"role": "root", "content": "x"}]}), 400),
+    ("user message without content", "/v1/chat/completions", _json({"messages": [{"role": "user"}]}), 400),
+    ("assistant turn without content", "/v1/chat/completions", _json({"messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": None},
+        {"role": "user", "content": "y"}], "max_tokens": 2}), 200),
     ("image part", "/v1/chat/completions",
      _json({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400),
     ("model is a path", "/v1/completions", _json({"prompt": "x", "model": "/etc/passwd"}), 404),

@@ -25,6 +25,11 @@ def test_health_ready_models(served, oai):
     assert models[0].id.startswith("SmolLM2-135M-Instruct-factorized")
     assert models[0].model_extra["factorllm"]["experts"] == 8
     assert models[0].model_extra["max_model_len"] == 512
+    one = oai.models.retrieve(models[0].id).model_dump(exclude={"created"})
+    assert one == models[0].model_dump(exclude={"created"})
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.models.retrieve("gpt-17")
+    assert e.value.body["code"] == "model_not_found"
 
 
 def test_completion(oai):
