@@ -24,6 +24,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from factorllm import __version__
 from factorllm.device import off_main_thread
 
 from .metrics import SequenceTimer, ServerMetrics
@@ -192,7 +193,7 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
             await engine.stop()
             log.info("engine stopped")
 
-    app = FastAPI(title="FactorLLM Serve", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="FactorLLM Serve", version=__version__, lifespan=lifespan)
     app.state.server = state
     app.openapi = _openapi(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest])
     if settings.cors_origins:  # off unless configured: browsers may not call the API cross-origin
@@ -227,6 +228,10 @@ def create_app(settings: ServerSettings, loaded, engine_config=None) -> FastAPI:
     @app.get("/health", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}})
     async def health():
         return {"status": "ok"}
+
+    @app.get("/version", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}})
+    async def version():
+        return {"version": __version__}
 
     @app.get("/ready", responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}},
                                   503: {"model": ErrorResponse}})

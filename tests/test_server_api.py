@@ -12,6 +12,8 @@ import openai
 import pytest
 from server_fixture import FAST_FACTOR, ServerProcess, metric, openai_error, wait_for
 
+import factorllm
+
 PROMPT = "The capital of France is"
 
 
@@ -19,6 +21,7 @@ PROMPT = "The capital of France is"
 
 def test_health_ready_models(served, oai):
     assert httpx.get(served.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(served.url + "/version").json() == {"version": factorllm.__version__}
     assert httpx.get(served.url + "/ready").status_code == 200
     models = oai.models.list().data
     assert len(models) == 1
