@@ -50,7 +50,6 @@ class CacheBatch:
         batch.write_rows, batch.write_cols = packed[o:o + n], packed[o + n:o + 2 * n]
         batch.write_slots, batch.write_pos = packed[o + 2 * n:o + 3 * n], packed[o + 3 * n:o + 4 * n]
         batch.span = max(s + l for s, l in zip(starts, lengths))
-        batch.num_rows, batch.width = B, T
         batch.host_slots, batch.host_starts, batch.host_lengths = slots, starts, lengths
         contiguous = slots == list(range(slots[0], slots[0] + B))
         batch.slot_range = (slots[0], slots[0] + B) if contiguous else None
