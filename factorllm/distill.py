@@ -120,8 +120,10 @@ class HeadLosses(torch.autograd.Function):
             s_logp = (s_logits if tau == 1 else s_logits / tau).log_softmax(-1)
             p = t_logp.exp()
             ce_grads = []
-            if counted:  # cross-entropy at temperature 1 (when tau is 1, on the KL's log-softmax,
-                t = targets[i:i + rows]  # read before the KL's gradient overwrites it below)
+            # Cross-entropy at temperature 1; when tau is 1 it reuses the KL's log-softmax, so it
+            # reads it here, before the KL's gradient overwrites it below.
+            if counted:
+                t = targets[i:i + rows]
                 keep = t >= 0
                 logp = s_logp if tau == 1 else s_logits.log_softmax(-1)
                 losses[1] -= logp[keep, t[keep]].sum(dtype=torch.float64)

@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import torch
 
-from ..calibration import read_text, sample_from_model, tokens_from_text
+from ..calibration import calibration_tokens
 from ..checkpoint import save_checkpoint
 from ..distill import DistillConfig, distill, recover_layers
 from ..errors import SourceError, UsageError
@@ -71,12 +71,10 @@ def run(args: argparse.Namespace) -> int:
     if teacher.factor is not None:
         raise UsageError(f"the teacher {teacher_src} must be a dense model")
     student, dense = loaded.model.to(device), teacher.model.to(device).eval()
-    if args.data:
-        tokens, data = tokens_from_text(loaded.tokenizer, read_text(args.data), args.max_seqs, args.seq_len), args.data
-    else:  # as factorize calibrates without --calib: the teacher's own text, no data set needed
-        windows = args.max_seqs if args.finetune else args.par_seqs
-        tokens = sample_from_model(dense, teacher.tokenizer, windows, args.seq_len, seed=args.seed).cpu()
-        data = f"sampled from the teacher: {windows} windows of {args.seq_len} tokens, seed {args.seed}"
+    # Without --data, as factorize calibrates without --calib: the teacher's own text, no data set needed
+    windows = args.max_seqs if args.data or args.finetune else args.par_seqs
+    tokens = calibration_tokens(dense, teacher.tokenizer, args.data, windows, args.seq_len, args.seed).cpu()
+    data = args.data or f"sampled from the teacher: {windows} windows of {args.seq_len} tokens, seed {args.seed}"
     trained = dict(loaded.factor.trained)
     if args.par != "none" or args.refit:
         pick = torch.linspace(0, tokens.shape[0] - 1, min(args.par_seqs, tokens.shape[0])).round().long()
