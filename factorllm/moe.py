@@ -200,7 +200,6 @@ class MoEFFN(nn.Module):
             self._token_counts = torch.zeros(self.num_experts, dtype=torch.long, device=device)
             self._entropy_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.pending_stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logits, idx) per forward
-        self.routed_tokens = 0
         self.expert_seconds = [0.0] * self.num_experts
         self.expert_events: list = []  # CUDA: (expert, start, end) events, resolved later
 
@@ -264,7 +263,6 @@ class MoEFFN(nn.Module):
                 if len(self.pending_stats) >= MAX_PENDING:
                     self._fold_stats()
                 self.pending_stats.append((logits.detach(), idx))
-                self.routed_tokens += logits.shape[0]
         if self.record_routing:
             self.last_idx = idx
         return logits, idx, None if weights is None else weights.to(dtype)

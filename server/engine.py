@@ -692,8 +692,6 @@ class Engine:
             stats.expert_tokens, stats.router_entropy = counts.cpu(), entropy.cpu()
             if timing:
                 stats.expert_seconds = [m.collect_expert_seconds() for m in self.moes]
-            for m in self.moes:
-                m.routed_tokens = 0
         return stats
 
     def _record_routing(self, seqs: list[Sequence], T: int, lengths: list[int]) -> None:

@@ -65,7 +65,6 @@ def test_top_k_below_n_changes_output_and_counts_tokens(dense_slice, sample_toke
     assert diff > 1e-2
     for m in moe_layers(moe.model):
         assert m.token_counts.sum().item() == sample_tokens.numel() * 2
-        assert m.routed_tokens == sample_tokens.numel()
 
 
 def test_dense_layers_keep_every_expert_at_the_same_mean_k(dense_slice, sample_tokens):

@@ -491,10 +491,10 @@ def test_packed_masked_path_matches_plain(default_model, gate):
         assert moe.shared_packed and moe.router_packed
         outs["packed masked"] = moe.run_path("masked", x, idx, w)
         # Routed in the masked path's own matmul (bf16 router rows): the fp32 router's choices.
-        routed = moe.routed_tokens
+        routed = moe.token_counts.sum().item()
         outs["packed masked, routed in its matmul"] = moe.routed("masked", x)
-        assert moe.routed_tokens == routed + len(x)
         assert torch.equal(moe.pending_stats[-1][1].sort(-1).values, idx.sort(-1).values)
+        assert moe.token_counts.sum().item() == routed + len(x) * moe.top_k  # folds pending_stats
         outs["kernels"] = moe.run_path("kernels", x, idx, w)
         one = [moe.run_path("kernels", x[t:t + 1], idx[t:t + 1], None if w is None else w[t:t + 1])
                for t in range(len(x))]
