@@ -59,9 +59,9 @@ def test_metrics_exposition(served):
     for layer, total in per_layer.items():
         assert total == layer_tokens[layer] * TOP_K
     assert len(m["factorllm_expert_tokens_total"]) == NUM_LAYERS * EXPERTS
-    for labels, v in m["factorllm_expert_load_imbalance"]:
+    for _, v in m["factorllm_expert_load_imbalance"]:
         assert 1.0 <= v <= EXPERTS
-    for labels, v in m["factorllm_router_entropy"]:
+    for _, v in m["factorllm_router_entropy"]:
         # Mean nats per token of a softmax over N experts (padded prefill positions excluded).
         assert 0.0 < v <= math.log(EXPERTS) + 1e-6
     # Expert latency is measured (the shared server times every step) for experts that got tokens.

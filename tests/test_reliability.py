@@ -173,7 +173,7 @@ def test_disconnect_storm_leaves_nothing_running(served):
             req = c.build_request("POST", u + "/v1/completions", json={
                 "prompt": f"{PROMPT} {wave} {i}", "max_tokens": 300, "ignore_eos": True, "stream": True})
             clients.append((c, c.send(req, stream=True)))
-        for i, (c, resp) in enumerate(clients):
+        for i, (_, resp) in enumerate(clients):
             assert resp.status_code == 200
             if i % 2 == 0:  # read a little first
                 lines = resp.iter_lines()
@@ -202,7 +202,7 @@ def test_overload_answers_429_quickly(served):
     u = served.url
     streams = []
     try:
-        for i in range(6):
+        for _ in range(6):
             c = httpx.Client(timeout=120)
             req = c.build_request("POST", u + "/v1/completions", json={
                 "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True})
@@ -216,7 +216,7 @@ def test_overload_answers_429_quickly(served):
             assert openai_error(r, 429)["code"] == "queue_full" and r.headers["retry-after"] == "1"
         # refused without waiting for generation (a generated token here takes tens of ms)
         assert sorted(waits)[len(waits) // 2] < 0.5, waits
-        for c, resp in streams:
+        for _, resp in streams:
             lines = [l for l in resp.iter_lines() if l.startswith("data: {")]
             assert json.loads(lines[-1][6:])["choices"][0]["finish_reason"] == "length"
     finally:

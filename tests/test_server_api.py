@@ -128,7 +128,7 @@ def test_logprobs_and_echo(oai):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
     assert "".join(lp.tokens) == r.choices[0].text
-    for tok, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for _, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert val <= 0 and 3 <= len(top) <= 4
         assert math.isclose(val, max(top.values()), abs_tol=1e-4)  # greedy picks the best
     assert lp.text_offset == sorted(lp.text_offset)
