@@ -6,9 +6,10 @@
   experts are compensated by the chosen ones. Seconds per layer on CPU.
 * `distill`: end-to-end logit distillation of the factorized student from the dense teacher:
   KL on logits (+ optional CE on the next token, + load balance), training the routers and/or
-  the experts; AdamW, linear warm-up + cosine decay, gradient clipping, bf16 autocast (CUDA, and
-  CPUs with native bf16: 1.36x the fp32 tokens/s on this 2-core CPU, the same KL curve) with the
-  teacher held in bf16, resumable checkpoints, seeded.
+  the experts, whole or through low-rank adapters (factorllm/lora.py); AdamW, linear warm-up +
+  cosine decay, gradient clipping, bf16 autocast (CUDA, and CPUs with native bf16: 1.36x the
+  fp32 tokens/s on this 2-core CPU, the same KL curve) with the teacher held in bf16, resumable
+  checkpoints, seeded.
 * `head_losses`: the LM head with the KL (and CE) terms, computed in row chunks that stay in cache.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .device import cpu_has_fast_bf16
+from .lora import add_lora, merge_lora
 from .moe import MoEFFN
 from .router_training import balance_loss
 
@@ -79,7 +81,9 @@ class DistillConfig:
     ce_weight: float = 0.0
     balance_weight: float = 0.0
     temperature: float = 1.0
-    train: tuple[str, ...] = ("routers", "experts")
+    train: tuple[str, ...] = ("routers", "experts")  # and/or "lora" (factorllm/lora.py), or "all"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # adapters scaled by alpha / rank
     seed: int = 0
     save_every: int = 50
     bf16: bool | None = None  # autocast; None: where the device computes bf16 natively
@@ -89,6 +93,10 @@ class DistillConfig:
     # after a first step that compiles (~1.5 min cold; docs/results.md, session 23). Needs a C++
     # compiler on CPU.
     compile: bool = False
+
+    def __post_init__(self):
+        if "lora" in self.train and ("experts" in self.train or "all" in self.train):
+            raise ValueError("train the experts whole or through LoRA adapters, not both")
 
 
 class HeadLosses(torch.autograd.Function):
@@ -163,11 +171,12 @@ def head_losses(hidden: torch.Tensor, weight: torch.Tensor, t_hidden: torch.Tens
                             t_weight.detach(), tau, flat_targets, rows)
 
 
-def trainable_parameters(student, train: tuple[str, ...]) -> tuple[list, list]:
+def trainable_parameters(student, train: tuple[str, ...], lora: list | None = None) -> tuple[list, list]:
     """(router params, other params) to train; everything else is frozen.
 
-    routers: MoE routers; experts: routed and shared expert weights; all: every weight."""
-    routers, others = [], []
+    routers: MoE routers; experts: routed and shared expert weights; lora: the adapters `lora`
+    on them; all: every weight."""
+    routers, others = [], list(lora or [])
     for p in student.parameters():
         p.requires_grad_(False)
     for m in student.modules():
@@ -213,7 +222,8 @@ def distill(student, teacher, tokens: torch.Tensor, cfg: DistillConfig, state_pa
     bf16 = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" or cpu_has_fast_bf16())
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    routers, others = trainable_parameters(student, cfg.train)
+    lora = add_lora(student, cfg.lora_rank, cfg.lora_alpha) if "lora" in cfg.train else None
+    routers, others = trainable_parameters(student, cfg.train, lora)
     groups = [g for g in ({"params": routers, "lr": cfg.router_lr}, {"params": others, "lr": cfg.lr}) if g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -278,6 +288,7 @@ def distill(student, teacher, tokens: torch.Tensor, cfg: DistillConfig, state_pa
     finally:
         for h in hooks:
             h.remove()
+        merge_lora(student)
         for p in student.parameters():
             p.requires_grad_(False)
         student.eval()

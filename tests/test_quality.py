@@ -161,6 +161,9 @@ def test_eval_and_train_cli_errors_are_one_line(tmp_path, capsys):
                "--seconds", "0"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "--seconds must be positive" in err
+    rc = main(["train", "--out", str(tmp_path / "o"), "--finetune", "--train", "experts", "lora"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "--train lora adapts the experts" in err
 
 
 def test_eval_cli_json(tmp_path, capsys):
@@ -297,6 +300,39 @@ def test_compiled_distillation_trains_like_eager(default_model, sample_tokens):
     assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-3)
     for a, b in zip(eager.parameters(), compiled.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # Adam moves them ~1e-3 a step
+
+
+def test_lora_distillation_trains_low_rank_updates_merged_into_the_experts(default_model, sample_tokens):
+    """`train=("routers", "lora")`: four steps on real text (the model's first two layers, routed
+    and shared experts) lower the KL; afterwards each expert's weights have moved by an update of
+    at most the adapters' rank, merged in (the state dict has the plain keys again), and the
+    routers trained as well."""
+    from torch.nn.utils import parametrize
+    from factorllm.distill import DistillConfig, distill
+    from factorllm.factorize import factorize
+    teacher = copy.deepcopy(default_model.model)
+    teacher.model.layers = teacher.model.layers[:2]
+    factor = FactorConfig(experts=6, top_k=2, shared_experts=2, partition="contiguous", router_init="random")
+    student = factorize(copy.deepcopy(teacher), factor, None)
+    before = copy.deepcopy(student.state_dict())
+    kl_before = kl_to(teacher, student, sample_tokens)
+    cfg = DistillConfig(steps=4, batch_size=2, lr=1e-2, warmup=1, train=("routers", "lora"), lora_rank=2,
+                        lora_alpha=4, bf16=False)
+    distill(student, teacher, sample_tokens, cfg, progress=False)
+    assert kl_to(teacher, student, sample_tokens) < 0.9 * kl_before
+    after = student.state_dict()
+    assert after.keys() == before.keys() and not any(parametrize.is_parametrized(m) for m in student.modules())
+    for name, w in after.items():
+        delta = (w - before[name]).double()
+        if ".experts_" in name or ".shared." in name:
+            ranks = torch.linalg.matrix_rank(delta if delta.dim() == 3 else delta[None], rtol=1e-6)
+            assert ranks.min() >= 1 and ranks.max() <= 2, (name, ranks)
+        elif name.endswith("router.weight"):
+            assert delta.abs().max() > 0, name
+        else:
+            assert torch.equal(w, before[name]), name
+    with pytest.raises(ValueError, match="not both"):
+        DistillConfig(train=("experts", "lora"))
 
 
 def test_a_time_budget_sets_the_step_count(default_model, fresh_default_model, sample_tokens):

@@ -42,9 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seconds", type=float, help="time budget for distillation: its schedule is cut to the steps "
                                                  "that fit, timed on the first steps")
     g.add_argument("--batch-size", type=int, default=4)
-    g.add_argument("--lr", type=float, default=2e-4, help="learning rate of the experts")
+    g.add_argument("--lr", type=float, default=2e-4, help="learning rate of the experts (or their adapters)")
     g.add_argument("--router-lr", type=float, default=1e-3)
-    g.add_argument("--train", nargs="+", choices=("routers", "experts", "all"), default=["routers", "experts"])
+    g.add_argument("--train", nargs="+", choices=("routers", "experts", "lora", "all"), default=["routers", "experts"],
+                   help="what trains: routers, experts (whole), lora (low-rank adapters on the experts, merged "
+                        "into them when saving), all (every weight)")
+    g.add_argument("--lora-rank", type=int, default=8, help="rank of each expert's adapters (with --train lora)")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="adapters scaled by alpha / rank")
     g.add_argument("--ce-weight", type=float, default=0.0, help="weight of next-token cross-entropy")
     g.add_argument("--balance-weight", type=float, default=0.0, help="weight of the load-balance term")
     g.add_argument("--seed", type=int, default=0)
@@ -59,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.seconds is not None and args.seconds <= 0:
         raise UsageError(f"--seconds must be positive, got {args.seconds}")
+    if "lora" in args.train and ({"experts", "all"} & set(args.train)):
+        raise UsageError("--train lora adapts the experts: drop experts/all, or drop lora")
+    if args.lora_rank < 1:
+        raise UsageError(f"--lora-rank must be at least 1, got {args.lora_rank}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_model(args.model)
     if loaded.factor is None:
@@ -82,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
                                       None if args.par == "none" else args.par, args.par_steps, args.refit))
     if args.finetune:
         cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
-                            warmup=max(args.steps // 10, 1), train=tuple(args.train), ce_weight=args.ce_weight,
+                            warmup=max(args.steps // 10, 1), train=tuple(args.train), lora_rank=args.lora_rank,
+                            lora_alpha=args.lora_alpha, ce_weight=args.ce_weight,
                             balance_weight=args.balance_weight, seed=args.seed, bf16=args.bf16,
                             seconds=args.seconds, compile=args.compile)
         result = distill(student, dense, tokens, cfg, state_path=f"{args.out}.train_state.pt")
