@@ -6,7 +6,8 @@ checkpoint as it is), attached as torch parametrizations: every forward path tha
 `experts_gate` and the rest computes with W + scale * B @ A while W stays frozen. `merge_lora`
 folds the updates into the weights, so a trained checkpoint has the plain format and serves at the
 same cost. Against training the experts whole, the optimizer keeps two moments of the adapters
-only (for the default model at rank 8: 12% of the expert weights' count).
+only (at rank 8, 7% of the `quality` preset's expert weights); steps are no faster, since autograd
+still forms each adapted weight's full gradient (docs/results.md, session 26).
 """
 from __future__ import annotations
 

@@ -202,7 +202,7 @@ def kl_to(dense, student, tokens) -> float:
 
 def test_train_cli_recovers_a_checkpoint_layer_by_layer(tmp_path, default_model, sample_tokens):
     """`factorllm train` (PAR routers + down refit, each layer on the student's own inputs, then two
-    distillation steps) moves a paper-style checkpoint (contiguous split, untrained random router)
+    distillation steps through LoRA adapters) moves a paper-style checkpoint (contiguous split, untrained random router)
     toward its dense teacher on held-out text."""
     from factorllm.loading import load_model
     ck, trained = tmp_path / "ck", tmp_path / "trained"
@@ -210,7 +210,8 @@ def test_train_cli_recovers_a_checkpoint_layer_by_layer(tmp_path, default_model,
                  "--router-init", "random", "--out", str(ck)]) == 0
     data = write(tmp_path / "train.txt", TRAIN_TEXT)
     assert main(["train", "--model", str(ck), "--data", data, "--out", str(trained), "--seq-len", "64",
-                 "--par-seqs", "4", "--par-steps", "30", "--finetune", "--steps", "2", "--seconds", "600"]) == 0
+                 "--par-seqs", "4", "--par-steps", "30", "--finetune", "--steps", "2", "--seconds", "600",
+                 "--train", "routers", "lora", "--lora-rank", "4"]) == 0
     before, after = load_model(str(ck)), load_model(str(trained))
     kl_before = kl_to(default_model.model, before.model, sample_tokens)
     kl_after = kl_to(default_model.model, after.model, sample_tokens)
@@ -218,6 +219,7 @@ def test_train_cli_recovers_a_checkpoint_layer_by_layer(tmp_path, default_model,
     assert after.factor.trained["par"]["label"] == "greedy"
     assert after.factor.trained["refit"]["err_after"] < after.factor.trained["refit"]["err_before"]
     assert after.factor.trained["distill"]["steps_run"] == 2  # a budget never binding leaves --steps
+    assert after.factor.trained["distill"]["train"] == ["routers", "lora"]  # adapters merged: it loaded
     assert after.factor.trained["data"] == data
     # Without --data the teacher writes the text (as factorize calibrates without --calib).
     sampled = tmp_path / "sampled"
