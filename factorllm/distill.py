@@ -96,7 +96,7 @@ class DistillConfig:
 
     def __post_init__(self):
         if "lora" in self.train and ("experts" in self.train or "all" in self.train):
-            raise ValueError("train the experts whole or through LoRA adapters, not both")
+            raise ValueError("train the experts whole (experts, all) or through LoRA adapters (lora), not both")
 
 
 class HeadLosses(torch.autograd.Function):

@@ -163,7 +163,7 @@ def test_eval_and_train_cli_errors_are_one_line(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 0 and "--seconds must be positive" in err
     rc = main(["train", "--out", str(tmp_path / "o"), "--finetune", "--train", "experts", "lora"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.count("\n") == 0 and "--train lora adapts the experts" in err
+    assert rc == 2 and err.count("\n") == 0 and "--train: train the experts whole" in err
 
 
 def test_eval_cli_json(tmp_path, capsys):

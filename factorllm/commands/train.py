@@ -63,10 +63,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.seconds is not None and args.seconds <= 0:
         raise UsageError(f"--seconds must be positive, got {args.seconds}")
-    if "lora" in args.train and ({"experts", "all"} & set(args.train)):
-        raise UsageError("--train lora adapts the experts: drop experts/all, or drop lora")
     if args.lora_rank < 1:
         raise UsageError(f"--lora-rank must be at least 1, got {args.lora_rank}")
+    try:
+        cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
+                            warmup=max(args.steps // 10, 1), train=tuple(args.train), lora_rank=args.lora_rank,
+                            lora_alpha=args.lora_alpha, ce_weight=args.ce_weight,
+                            balance_weight=args.balance_weight, seed=args.seed, bf16=args.bf16,
+                            seconds=args.seconds, compile=args.compile)
+    except ValueError as e:
+        raise UsageError(f"--train: {e}") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_model(args.model)
     if loaded.factor is None:
@@ -89,11 +95,6 @@ def run(args: argparse.Namespace) -> int:
         trained.update(recover_layers(student, dense, tokens[pick].to(device), loaded.factor,
                                       None if args.par == "none" else args.par, args.par_steps, args.refit))
     if args.finetune:
-        cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
-                            warmup=max(args.steps // 10, 1), train=tuple(args.train), lora_rank=args.lora_rank,
-                            lora_alpha=args.lora_alpha, ce_weight=args.ce_weight,
-                            balance_weight=args.balance_weight, seed=args.seed, bf16=args.bf16,
-                            seconds=args.seconds, compile=args.compile)
         result = distill(student, dense, tokens, cfg, state_path=f"{args.out}.train_state.pt")
         trained["distill"] = {**asdict(cfg), "steps_run": result["steps"],
                               "final_kl": result["history"][-1]["kl"]}
