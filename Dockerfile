@@ -68,14 +68,17 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Same interpreter as the builder (no venv module or pip needed at runtime),
+# Same interpreter as the builder (no venv module or pip needed at runtime), a C
+# compiler (the CPU decode-attention kernel is compiled for the host's CPU at first
+# start, factorllm/native_attention.py; without it torch's kernels are used),
 # plus a non-root user owning the model cache.
 # hadolint ignore=DL3008
-RUN if ! command -v python3 >/dev/null 2>&1; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends python3 \
-        && rm -rf /var/lib/apt/lists/*; \
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && if ! command -v python3 >/dev/null 2>&1; then \
+        apt-get install -y --no-install-recommends python3; \
     fi \
+    && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid "${APP_UID}" factorllm \
     && useradd --uid "${APP_UID}" --gid "${APP_UID}" --create-home --shell /usr/sbin/nologin factorllm \
     && mkdir -p /cache \

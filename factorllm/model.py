@@ -7,6 +7,7 @@ that the engine can batch sequences of different lengths and positions in one ca
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native_attention
 from .timing import doubling_counts, median_in_turns, planned
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3")
@@ -253,7 +255,9 @@ def flash_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.transpose(1, 2)
 
 
-DECODE_ATTENTION = {"matmuls": decode_attention, "sdpa": flash_decode_attention}
+# "native": factorllm/native_attention.py, timed only where its C kernel builds and fits the shapes.
+DECODE_ATTENTION = {"matmuls": decode_attention, "sdpa": flash_decode_attention,
+                    "native": native_attention.native_decode_attention}
 
 
 def decode_attention_path(plan: list[tuple[int, str]], rows: int) -> str:
@@ -366,24 +370,41 @@ class Transformer(nn.Module):
     def tune_decode_attention(self, cache, max_rows: int, contexts: tuple[int, ...] = (128, 512),
                               repeats: int = 10) -> list[tuple[int, str]]:
         """CPU bf16/fp16 decoding: time the `DECODE_ATTENTION` kernels (two batched matmuls, SDPA's
-        flash kernel) on rows of `cache` (a KVCache: strided views, as serving reads them) at 1, 2,
-        4, ... `max_rows` rows, each at `contexts` positions (times summed); every layer then
-        uses the faster per row count. The winner depends on the CPU: on an AVX512 EPYC the
-        matmuls were ~4x faster than SDPA at 32 rows x 100 positions (session 10); on an AMX
-        Xeon flash is 1.3-5x faster at 1-32 rows (session 21, docs/results.md)."""
+        flash kernel, the C kernel where it builds) at 1, 2, 4, ... `max_rows` rows, each at
+        `contexts` positions of `cache` (a KVCache: strided views, as serving reads them; times
+        summed); every layer then uses the fastest per row count. Each timing is one decoder
+        layer's decode forward, the layers in turn, so that it reads its weights and cached rows
+        from memory as a decode step does: timed alone on one layer's cache-warm rows, the copying
+        matmuls came out ahead at 8-32 rows of the C kernel that whole decode steps ran 8-12%
+        faster with (AMD EPYC, session 27). The winner depends on the CPU: on that EPYC the matmuls
+        were ~4x faster than SDPA at 32 rows x 100 positions (session 10); on an AMX Xeon flash
+        was 1.3-5x faster at 1-32 rows (session 21, docs/results.md)."""
+        from .kv_cache import CacheBatch
         cfg = self.config
         H, D = cfg.num_attention_heads, cfg.head_dim
+        dtype, device = cache.k.dtype, cache.k.device
         max_rows = min(max_rows, cache.num_slots)
+        kernels = list(DECODE_ATTENTION)
+        if not (native_attention.supports(torch.empty(1, 1, H, D, dtype=dtype), cache.k[0])
+                and native_attention.load() is not None):
+            kernels.remove("native")
+        turn = itertools.count()
+
+        def layer_step(kernel: str, x: torch.Tensor, cos, sin, batch) -> torch.Tensor:
+            i = next(turn) % len(self.layers)
+            self.layers[i].self_attn.decode_plan = [(x.shape[0], kernel)]
+            return self.layers[i](x, cos, sin, batch.mask, cache, i, batch)
+
         plan = []
         for n in doubling_counts(max_rows):
-            total = dict.fromkeys(DECODE_ATTENTION, 0.0)
-            for S in sorted({min(c, cache.max_len) for c in contexts}):
-                k, v = cache.k[0, :n, :, :S], cache.v[0, :n, :, :S]
-                q = torch.randn(n, 1, H, D, dtype=k.dtype, device=k.device)
-                t = median_in_turns({name: partial(attend, q, k, v, None) for name, attend in DECODE_ATTENTION.items()},
-                                    repeats)
-                for name in total:
-                    total[name] += t[name]
+            total = dict.fromkeys(kernels, 0.0)
+            for S in sorted({min(c, cache.max_len - 1) for c in contexts}):
+                batch = CacheBatch.build(list(range(n)), [S] * n, [1] * n, device)
+                cos, sin = rope_tables(batch.positions, self.inv_freq)
+                x = torch.randn(n, 1, cfg.hidden_size, dtype=dtype, device=device)
+                t = median_in_turns({k: partial(layer_step, k, x, cos, sin, batch) for k in kernels}, repeats)
+                for k in kernels:
+                    total[k] += t[k]
             plan.append((n, min(total, key=total.get)))
         for m in self.modules():
             if isinstance(m, Attention):

@@ -5,6 +5,8 @@ import asyncio
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -529,13 +531,16 @@ def test_fused_projections_match_and_save_unfused(sample_tokens):
     assert not m.layers[0].self_attn.qkv_proj.weight[:q_rows].any() and m.layers[0].self_attn.qkv_proj.weight[q_rows:].any()
 
 
-@pytest.mark.parametrize("path", ["matmuls", "sdpa"])
+@pytest.mark.parametrize("path", ["matmuls", "sdpa", "native"])
 def test_bf16_cached_decode_matches_full_forward(fresh_default_model, sample_tokens, path):
-    """CPU bf16 decoding attends by either kernel `tune_decode_attention` picks from (two batched
-    matmuls, or SDPA's flash kernel) over head-major views of the cache: rows at different
+    """CPU bf16 decoding attends by any kernel `tune_decode_attention` picks from (two batched
+    matmuls, SDPA's flash kernel, or the C kernel, which must build here) over head-major views
+    of the cache: rows at different
     positions (a mask), in adjacent slots (views) or not (a gather), give the logits of a full
     bf16 forward over each row's whole text."""
     from factorllm.kv_cache import CacheBatch, KVCache
+    from factorllm import native_attention
+    assert path != "native" or native_attention.load() is not None
     m = fresh_default_model.model.to(torch.bfloat16)
     lengths = [9, 17, 23, 14]  # tokens already cached per row; the next one is decoded
     for layer in m.layers:
@@ -555,17 +560,37 @@ def test_bf16_cached_decode_matches_full_forward(fresh_default_model, sample_tok
 
 
 def test_decode_attention_is_tuned_per_row_count(fresh_default_model):
-    """The tuner times both kernels at 1, 2, 4, ... rows (contexts cut to the cache's rows) and
+    """The tuner times every kernel at 1, 2, 4, ... rows (contexts cut to the cache's rows) and
     gives every layer the plan; larger batches take the largest count's kernel."""
     from factorllm.kv_cache import KVCache
     from factorllm.model import decode_attention_path
     m = fresh_default_model.model.to(torch.bfloat16)
     cache = KVCache.for_model(m, num_slots=6, max_len=64)
     plan = m.tune_decode_attention(cache, 6, contexts=(16, 200), repeats=2)
-    assert [n for n, _ in plan] == [1, 2, 4, 6] and {p for _, p in plan} <= {"matmuls", "sdpa"}
+    assert [n for n, _ in plan] == [1, 2, 4, 6] and {p for _, p in plan} <= {"matmuls", "sdpa", "native"}
     assert all(layer.self_attn.decode_plan is plan for layer in m.layers)
     assert decode_attention_path(plan, 5) == plan[3][1] and decode_attention_path(plan, 9) == plan[3][1]
     assert decode_attention_path([], 3) == "matmuls"
+
+
+def test_native_attention_builds_once_per_cpu_and_steps_aside_without_a_compiler(tmp_path):
+    """The C kernel compiles into the cache once (a second process loads it without building);
+    where no compiler works, it is not offered (a warning, no error)."""
+    code = ("import logging, sys; logging.basicConfig()\n"
+            "from factorllm import native_attention as n\n"
+            "from factorllm.loading import cache_dir\n"
+            "print(n.load() is not None, sorted(p.name for p in (cache_dir() / 'kernels').glob('*.so')))")
+    runs = {}
+    for name, cc in (("first", None), ("again", "false"), ("broken", "false")):
+        cache = tmp_path / ("broken" if name == "broken" else "cache")
+        env = {**os.environ, "FACTORLLM_CACHE": str(cache)} | ({"CC": cc} if cc else {})
+        runs[name] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert runs[name].returncode == 0, runs[name].stderr[-2000:]
+    built = runs["first"].stdout.split(" ", 1)
+    assert built[0] == "True" and built[1].strip().startswith("['decode_attention-")
+    assert runs["again"].stdout == runs["first"].stdout  # CC=false would fail: it was not needed
+    assert runs["broken"].stdout.strip() == "False []"
+    assert "native decode attention unavailable, using torch's" in runs["broken"].stderr
 
 
 def benchmark(name: str):

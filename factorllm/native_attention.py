@@ -1,0 +1,168 @@
+"""Decode attention on CPU as a small C kernel, built once with the system's C compiler.
+
+One query per row against bf16 keys and values read in place from the engine's strided cache:
+torch's batched matmuls (model.decode_attention) first copy each layer's cached keys and values
+into contiguous blocks (oneDNN wants them so) and then run matmuls three columns wide (the query
+heads of a kv head), which reach a fraction of the memory bandwidth; SDPA's flash kernel was
+slower still on the AMD EPYC. This kernel reads each cached row once, in fp32 arithmetic (scores,
+softmax, weighted sum), and splits the rows between the calling thread and one helper thread.
+
+It is one of the `DECODE_ATTENTION` kernels that `Transformer.tune_decode_attention` times at
+start-up; the engine takes it only at the row counts where it measured faster. The shared object
+is compiled for this CPU (`-march=native`) into $FACTORLLM_CACHE/kernels, keyed by the source and
+the CPU; without a C compiler (or if the build fails) the kernel is simply not offered.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_DIM, MAX_GROUP = 256, 16
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+static inline float bf16_to_f32(uint16_t x) { uint32_t u = (uint32_t)x << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
+    uint32_t u; memcpy(&u, &f, 4); u += 0x7FFFu + ((u >> 16) & 1u); return (uint16_t)(u >> 16);
+}
+
+/* Rows b0..b1-1 of one decode step. q, out: [B, H, D] contiguous bf16. k, v: bf16, element
+   (row b, kv head h, position s, d) at b*sb + h*sh + s*ss + d. Row b attends to its first
+   lens[b] positions (all S when lens is NULL). scratch: G*S floats (G = H / KV). */
+void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out,
+                           int H, int KV, int S, int D, int64_t sb, int64_t sh, int64_t ss,
+                           const int32_t *lens, float scale, float *scratch, int b0, int b1) {
+    const int G = H / KV;
+    float qf[16][256], row[256], acc[16][256], top[16], norm[16];
+    for (int b = b0; b < b1; b++) {
+        const int n = lens ? lens[b] : S;
+        for (int h = 0; h < KV; h++) {
+            const uint16_t *kb = k + b * sb + h * sh, *vb = v + b * sb + h * sh;
+            const uint16_t *qb = q + ((int64_t)b * H + h * G) * D;
+            for (int g = 0; g < G; g++) {
+                for (int d = 0; d < D; d++) qf[g][d] = bf16_to_f32(qb[g * D + d]) * scale;
+                top[g] = -3.0e38f;
+            }
+            for (int s = 0; s < n; s++) {          /* scores of every query head of this kv head */
+                const uint16_t *kr = kb + s * ss;
+                for (int d = 0; d < D; d++) row[d] = bf16_to_f32(kr[d]);
+                for (int g = 0; g < G; g++) {
+                    float dot = 0.f;
+                    for (int d = 0; d < D; d++) dot += qf[g][d] * row[d];
+                    scratch[g * S + s] = dot;
+                    top[g] = dot > top[g] ? dot : top[g];
+                }
+            }
+            for (int g = 0; g < G; g++) {          /* softmax numerators and their sum */
+                float *sc = scratch + g * S, sum = 0.f;
+                for (int s = 0; s < n; s++) { sc[s] = expf(sc[s] - top[g]); sum += sc[s]; }
+                norm[g] = 1.f / sum;
+                for (int d = 0; d < D; d++) acc[g][d] = 0.f;
+            }
+            for (int s = 0; s < n; s++) {          /* weighted sum of the values */
+                const uint16_t *vr = vb + s * ss;
+                for (int d = 0; d < D; d++) row[d] = bf16_to_f32(vr[d]);
+                for (int g = 0; g < G; g++) {
+                    const float p = scratch[g * S + s];
+                    for (int d = 0; d < D; d++) acc[g][d] += p * row[d];
+                }
+            }
+            uint16_t *ob = out + ((int64_t)b * H + h * G) * D;
+            for (int g = 0; g < G; g++)
+                for (int d = 0; d < D; d++) ob[g * D + d] = f32_to_bf16(acc[g][d] * norm[g]);
+        }
+    }
+}
+"""
+
+# -ffast-math: reassociated dot products and vectorized expf (every exponent is finite here).
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-shared", "-fPIC"]
+
+
+def _cpu_key() -> str:
+    """What the compiled code depends on besides its source: the CPU (-march=native)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + "\n" + "\n".join(lines)
+
+
+def _build(out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src, lib = Path(tmp) / "decode_attention.c", Path(tmp) / out.name
+        src.write_text(SOURCE)
+        run = subprocess.run([cc, *CFLAGS, "-o", str(lib), str(src), "-lm"], capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {run.stderr.strip()[-500:]}")
+        os.replace(lib, out)  # atomic: a process building the same file beside us is harmless
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None where it cannot be built here (logged once)."""
+    if platform.system() != "Linux":
+        return None
+    from .loading import cache_dir  # (loading imports model, which imports this module)
+    key = hashlib.sha256((SOURCE + " ".join(CFLAGS) + _cpu_key()).encode()).hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"decode_attention-{key}.so"
+    try:
+        if not path.exists():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as e:
+        log.warning("native decode attention unavailable, using torch's: %s", e)
+        return None
+    fn = lib.decode_attention_bf16
+    ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    fn.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, i64, i64, i64, ptr, ctypes.c_float, ptr, i32, i32]
+    fn.restype = None
+    return lib
+
+
+def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Shapes and layouts the kernel takes: bf16 on CPU, head_dim <= 256, <= 16 query heads per
+    kv head, each cached row's head_dim contiguous."""
+    H, D, KV = q.shape[2], q.shape[3], k.shape[1]
+    return (q.dtype == k.dtype == torch.bfloat16 and not q.is_cuda and D <= MAX_HEAD_DIM
+            and H % KV == 0 and H // KV <= MAX_GROUP and k.stride(-1) == 1)
+
+
+def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor | None) -> torch.Tensor:
+    """`model.decode_attention` by the C kernel: q [B, 1, heads, D], k/v [B, kv_heads, S, D]
+    strided views of the cache (same strides), mask [B, 1, 1, S] bool, each row's visible keys a
+    prefix (as decode rows' are), or None. Returns [B, 1, heads, D]."""
+    fn = load().decode_attention_bf16
+    B, _, H, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    assert k.stride() == v.stride(), "keys and values must share their layout"
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    lens = None if mask is None else mask.view(B, S).sum(-1, dtype=torch.int32)
+    sb, sh, ss, _ = k.stride()
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), H, KV, S, D, sb, sh, ss,
+            None if lens is None else lens.data_ptr(), D ** -0.5)
+    scratch = torch.empty(H // KV * S)
+    fn(*args, scratch.data_ptr(), 0, B)
+    return out
