@@ -35,23 +35,27 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <stdlib.h>
 
 static inline float bf16_to_f32(uint16_t x) { uint32_t u = (uint32_t)x << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
     uint32_t u; memcpy(&u, &f, 4); u += 0x7FFFu + ((u >> 16) & 1u); return (uint16_t)(u >> 16);
 }
 
-/* Rows b0..b1-1 of one decode step. q, out: [B, H, D] contiguous bf16. k, v: bf16, element
-   (row b, kv head h, position s, d) at b*sb + h*sh + s*ss + d. Row b attends to its first
-   lens[b] positions (all S when lens is NULL). scratch: G*S floats (G = H / KV). */
+/* One decode step. q, out: [B, H, D] contiguous bf16. k, v: bf16, element (row b, kv head h,
+   position s, d) at b*sb + h*sh + s*ss + d. Row b attends to its first lens[b] positions (all S
+   when lens is NULL). The (row, kv head) pairs are shared out among the OpenMP threads. */
 void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out,
-                           int H, int KV, int S, int D, int64_t sb, int64_t sh, int64_t ss,
-                           const int32_t *lens, float scale, float *scratch, int b0, int b1) {
+                           int B, int H, int KV, int S, int D, int64_t sb, int64_t sh, int64_t ss,
+                           const int32_t *lens, float scale) {
     const int G = H / KV;
-    float qf[16][256], row[256], acc[16][256], top[16], norm[16];
-    for (int b = b0; b < b1; b++) {
-        const int n = lens ? lens[b] : S;
-        for (int h = 0; h < KV; h++) {
+    #pragma omp parallel
+    {
+        float *scores = malloc(sizeof(float) * G * S);
+        float qf[16][256], row[256], acc[16][256], top[16], norm[16];
+        #pragma omp for schedule(static)
+        for (int bh = 0; bh < B * KV; bh++) {
+            const int b = bh / KV, h = bh % KV, n = lens ? lens[b] : S;
             const uint16_t *kb = k + b * sb + h * sh, *vb = v + b * sb + h * sh;
             const uint16_t *qb = q + ((int64_t)b * H + h * G) * D;
             for (int g = 0; g < G; g++) {
@@ -64,12 +68,12 @@ void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
                 for (int g = 0; g < G; g++) {
                     float dot = 0.f;
                     for (int d = 0; d < D; d++) dot += qf[g][d] * row[d];
-                    scratch[g * S + s] = dot;
+                    scores[g * S + s] = dot;
                     top[g] = dot > top[g] ? dot : top[g];
                 }
             }
             for (int g = 0; g < G; g++) {          /* softmax numerators and their sum */
-                float *sc = scratch + g * S, sum = 0.f;
+                float *sc = scores + g * S, sum = 0.f;
                 for (int s = 0; s < n; s++) { sc[s] = expf(sc[s] - top[g]); sum += sc[s]; }
                 norm[g] = 1.f / sum;
                 for (int d = 0; d < D; d++) acc[g][d] = 0.f;
@@ -78,7 +82,7 @@ void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
                 const uint16_t *vr = vb + s * ss;
                 for (int d = 0; d < D; d++) row[d] = bf16_to_f32(vr[d]);
                 for (int g = 0; g < G; g++) {
-                    const float p = scratch[g * S + s];
+                    const float p = scores[g * S + s];
                     for (int d = 0; d < D; d++) acc[g][d] += p * row[d];
                 }
             }
@@ -86,12 +90,13 @@ void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
             for (int g = 0; g < G; g++)
                 for (int d = 0; d < D; d++) ob[g * D + d] = f32_to_bf16(acc[g][d] * norm[g]);
         }
+        free(scores);
     }
 }
 """
 
 # -ffast-math: reassociated dot products and vectorized expf (every exponent is finite here).
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-shared", "-fPIC"]
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 
 
 def _cpu_key() -> str:
@@ -135,7 +140,7 @@ def load() -> ctypes.CDLL | None:
         return None
     fn = lib.decode_attention_bf16
     ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    fn.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, i64, i64, i64, ptr, ctypes.c_float, ptr, i32, i32]
+    fn.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, i32, i64, i64, i64, ptr, ctypes.c_float]
     fn.restype = None
     return lib
 
@@ -161,8 +166,6 @@ def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     lens = None if mask is None else mask.view(B, S).sum(-1, dtype=torch.int32)
     sb, sh, ss, _ = k.stride()
-    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), H, KV, S, D, sb, sh, ss,
-            None if lens is None else lens.data_ptr(), D ** -0.5)
-    scratch = torch.empty(H // KV * S)
-    fn(*args, scratch.data_ptr(), 0, B)
+    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, KV, S, D, sb, sh, ss,
+       None if lens is None else lens.data_ptr(), D ** -0.5)
     return out
