@@ -1,16 +1,21 @@
 """Decode attention on CPU as a small C kernel, built once with the system's C compiler.
 
-One query per row against bf16 keys and values read in place from the engine's strided cache:
-torch's batched matmuls (model.decode_attention) first copy each layer's cached keys and values
-into contiguous blocks (oneDNN wants them so) and then run matmuls three columns wide (the query
-heads of a kv head), which reach a fraction of the memory bandwidth; SDPA's flash kernel was
-slower still on the AMD EPYC. This kernel reads each cached row once, in fp32 arithmetic (scores,
-softmax, weighted sum), and splits the rows between the calling thread and one helper thread.
+One query per row against bf16 keys and values read in place from the engine's strided cache, in
+fp32 arithmetic (scores, softmax, weighted sum), the (row, kv head) pairs shared out by OpenMP.
+torch's batched matmuls (model.decode_attention) first copy each layer's cached rows into
+contiguous blocks (oneDNN wants them so), then run matmuls three columns wide (the query heads of
+one kv head). Timed alone on one layer's cache-warm rows the two came out within 20% of each
+other (session 8, which did not keep a C++ kernel); in whole decode steps, where every layer's
+rows come from memory, this kernel made steps 1.13-1.57x faster on the AVX512-BF16 EPYC at 1-64
+rows (docs/results.md, session 27).
 
-It is one of the `DECODE_ATTENTION` kernels that `Transformer.tune_decode_attention` times at
-start-up; the engine takes it only at the row counts where it measured faster. The shared object
-is compiled for this CPU (`-march=native`) into $FACTORLLM_CACHE/kernels, keyed by the source and
-the CPU; without a C compiler (or if the build fails) the kernel is simply not offered.
+Built as a plain C file (no torch headers: ~0.4 s to compile) and called through ctypes, which lets
+go of the GIL. Compiled with -fopenmp, its libgomp dependency resolves to the libgomp that torch
+has already loaded (same soname), so its parallel loop runs on the step thread's own OpenMP team:
+no second team, whose threads would make libgomp stop spin-waiting (see server/engine.py).
+The shared object is compiled for this CPU (-march=native) into $FACTORLLM_CACHE/kernels, keyed by
+the source and the CPU. Without a C compiler, or if the build fails, the kernel is not offered and
+`Transformer.tune_decode_attention` chooses among torch's kernels.
 """
 from __future__ import annotations
 
@@ -123,6 +128,12 @@ def _build(out: Path) -> None:
         os.replace(lib, out)  # atomic: a process building the same file beside us is harmless
 
 
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP libraries mapped into this process."""
+    with open("/proc/self/maps") as maps:
+        return {ln.split()[-1] for ln in maps if "libgomp" in ln or "libiomp" in ln or "libomp" in ln}
+
+
 @functools.lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None where it cannot be built here (logged once)."""
@@ -135,6 +146,9 @@ def load() -> ctypes.CDLL | None:
         if not path.exists():
             _build(path)
         lib = ctypes.CDLL(str(path))
+        runtimes = _openmp_runtimes()
+        if len(runtimes) > 1:
+            raise RuntimeError(f"it would run on a second OpenMP runtime beside torch's: {runtimes}")
     except (OSError, RuntimeError) as e:
         log.warning("native decode attention unavailable, using torch's: %s", e)
         return None

@@ -618,6 +618,21 @@ def test_decode_profile_benchmark_runs(tmp_path):
     assert any("[3, 576]" in o["op"] or "[3, 1, 576]" in o["op"] for o in rows[1]["top_ops"])
 
 
+def test_decode_attention_benchmark_runs(tmp_path):
+    """benchmarks/decode_attention.py: whole bf16 decode steps per attention kernel (the C kernel
+    among them) and the tuned plan, with speed-ups over the matmuls, as JSON."""
+    mod = benchmark("decode_attention")
+    out = tmp_path / "attention.json"
+    assert mod.main(["--cases", "1x20", "3x40", "--repeats", "1", "--steps", "1", "--max-model-len", "64",
+                     "--dtype", "bfloat16", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["kernels"] == ["matmuls", "sdpa", "native", "tuned"]
+    assert [(c["rows"], c["context"]) for c in report["cases"]] == [(1, 20), (3, 40)]
+    for case in report["cases"]:
+        assert all(case["step_ms"][k] > 0 for k in report["kernels"])
+        assert case["speedup_over_matmuls"]["matmuls"] == 1.0
+
+
 def test_prefix_cache_benchmark_runs(tmp_path):
     """benchmarks/prefix_cache.py: a next turn timed with and without prefix caching, as JSON."""
     mod = benchmark("prefix_cache")
