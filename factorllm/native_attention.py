@@ -57,7 +57,7 @@ void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
     #pragma omp parallel
     {
         float *scores = malloc(sizeof(float) * G * S);
-        float qf[16][256], row[256], acc[16][256], top[16], norm[16];
+        float qf[MAX_GROUP][MAX_HEAD_DIM], row[MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], top[MAX_GROUP], norm[MAX_GROUP];
         #pragma omp for schedule(static)
         for (int bh = 0; bh < B * KV; bh++) {
             const int b = bh / KV, h = bh % KV, n = lens ? lens[b] : S;
@@ -101,7 +101,8 @@ void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
 """
 
 # -ffast-math: reassociated dot products and vectorized expf (every exponent is finite here).
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC",
+          f"-DMAX_HEAD_DIM={MAX_HEAD_DIM}", f"-DMAX_GROUP={MAX_GROUP}"]
 
 
 def _cpu_key() -> str:
