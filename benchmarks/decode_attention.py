@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from factorllm import native_attention  # noqa: E402
 from factorllm.device import off_main_thread  # noqa: E402
-from factorllm.kv_cache import CacheBatch  # noqa: E402
 from factorllm.loading import load_model  # noqa: E402
 from factorllm.model import DECODE_ATTENTION, Attention  # noqa: E402
 from server.engine import Engine, EngineConfig  # noqa: E402
+from decode_profile import decode_step  # noqa: E402
 
 
 def parse_case(text: str) -> tuple[int, int]:
@@ -40,22 +41,17 @@ def parse_case(text: str) -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def decode_step(engine: Engine, rows: int, starts: list[int]) -> torch.Tensor:
-    batch = CacheBatch.build(list(range(rows)), starts, [1] * rows, engine.device)
-    tokens = torch.arange(rows, device=engine.device)[:, None] * 7 + 5
-    h = engine.model.hidden_states(tokens, cache=engine.cache, batch=batch)
-    return engine.model.lm_head(h[:, 0]).float()
-
-
-@torch.inference_mode()
 def measure(engine: Engine, cases: list[tuple[int, int]], repeats: int, steps: int) -> dict:
     engine.warm_up()
     attentions = [m for m in engine.model.modules() if isinstance(m, Attention)]
     tuned = attentions[0].decode_plan
-    kernels = [k for k in DECODE_ATTENTION if k != "native" or native_attention.load() is not None] + ["tuned"]
+    cfg = engine.model.config
+    native = native_attention.usable(engine.cache.k[0], cfg.num_attention_heads)
+    kernels = [k for k in DECODE_ATTENTION if k != "native" or native] + ["tuned"]
     rng = random.Random(0)
     results = []
     for rows, context in cases:
+        tokens = torch.arange(rows, device=engine.device)[:, None] * 7 + 5
         runs = {k: [] for k in kernels}
         for _ in range(repeats):
             for kernel in kernels:
@@ -66,7 +62,7 @@ def measure(engine: Engine, cases: list[tuple[int, int]], repeats: int, steps: i
                 for _ in range(steps + 1):  # the first, after the switch, is not counted
                     starts = [max(1, context + rng.randrange(-16, 16)) for _ in range(rows)]
                     t0 = time.perf_counter()
-                    decode_step(engine, rows, starts)
+                    decode_step(engine, tokens, starts)
                     times.append(time.perf_counter() - t0)
                 runs[kernel].append(statistics.median(times[1:]))
         ms = {k: statistics.median(v) * 1000 for k, v in runs.items()}

@@ -27,9 +27,11 @@ from student import add_model_or_preset_arguments, load_model_or_preset  # noqa:
 from server.engine import Engine, EngineConfig  # noqa: E402
 
 
-def decode_step(engine: Engine, tokens: torch.Tensor, context: int) -> torch.Tensor:
+def decode_step(engine: Engine, tokens: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """One decode forward and LM head for the rows of `tokens` [B, 1] in slots 0..B-1, row b at
+    position starts[b]."""
     B = tokens.shape[0]
-    batch = CacheBatch.build(list(range(B)), [context] * B, [1] * B, engine.device)
+    batch = CacheBatch.build(list(range(B)), starts, [1] * B, engine.device)
     h = engine.model.hidden_states(tokens, cache=engine.cache, batch=batch)
     return engine.model.lm_head(h[:, 0]).float()
 
@@ -37,11 +39,11 @@ def decode_step(engine: Engine, tokens: torch.Tensor, context: int) -> torch.Ten
 @torch.inference_mode()
 def step_times(engine: Engine, tokens: torch.Tensor, context: int, steps: int) -> list[float]:
     for _ in range(3):
-        decode_step(engine, tokens, context)
+        decode_step(engine, tokens, [context] * tokens.shape[0])
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        decode_step(engine, tokens, context)
+        decode_step(engine, tokens, [context] * tokens.shape[0])
         times.append(time.perf_counter() - t0)
     return times
 
@@ -57,7 +59,7 @@ def profile_batch(engine: Engine, B: int, context: int, steps: int, top: int, sh
         other += off_main_thread(lambda: step_times(engine, tokens, context, steps))
     with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
         for _ in range(steps):
-            decode_step(engine, tokens, context)
+            decode_step(engine, tokens, [context] * tokens.shape[0])
     events = sorted(prof.key_averages(group_by_input_shape=shapes), key=lambda e: e.self_cpu_time_total,
                     reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1

@@ -381,13 +381,9 @@ class Transformer(nn.Module):
         was 1.3-5x faster at 1-32 rows (session 21, docs/results.md)."""
         from .kv_cache import CacheBatch
         cfg = self.config
-        H, D = cfg.num_attention_heads, cfg.head_dim
         dtype, device = cache.k.dtype, cache.k.device
         max_rows = min(max_rows, cache.num_slots)
-        kernels = list(DECODE_ATTENTION)
-        if not (native_attention.supports(torch.empty(1, 1, H, D, dtype=dtype), cache.k[0])
-                and native_attention.load() is not None):
-            kernels.remove("native")
+        kernels = [k for k in DECODE_ATTENTION if k != "native" or native_attention.usable(cache.k[0], cfg.num_attention_heads)]
         turn = itertools.count()
 
         def layer_step(kernel: str, x: torch.Tensor, cos, sin, batch) -> torch.Tensor:

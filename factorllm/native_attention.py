@@ -160,12 +160,13 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
-def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Shapes and layouts the kernel takes: bf16 on CPU, head_dim <= 256, <= 16 query heads per
-    kv head, each cached row's head_dim contiguous."""
-    H, D, KV = q.shape[2], q.shape[3], k.shape[1]
-    return (q.dtype == k.dtype == torch.bfloat16 and not q.is_cuda and D <= MAX_HEAD_DIM
-            and H % KV == 0 and H // KV <= MAX_GROUP and k.stride(-1) == 1)
+def usable(k: torch.Tensor, num_heads: int) -> bool:
+    """Whether the kernel is built here and takes this cache: `k` one layer's keys [slots,
+    kv_heads, positions, head_dim], bf16 on CPU, head_dim <= 256 contiguous, at most 16 query heads
+    per kv head."""
+    KV, D = k.shape[1], k.shape[3]
+    return (k.dtype == torch.bfloat16 and not k.is_cuda and D <= MAX_HEAD_DIM and k.stride(-1) == 1
+            and num_heads % KV == 0 and num_heads // KV <= MAX_GROUP and load() is not None)
 
 
 def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
