@@ -3,7 +3,8 @@
 For each token count and (N, K): median time of the dense FFN and of the MoE layer (each
 dispatch path in `DISPATCH_PATHS`, and the whole layer with the path `tune_dispatch` picks), all
 timed in turns; the speed-up over dense and its fraction of the FLOP bound (N / K for routed
-experts, ignoring the router). A path 3x slower than the fastest one at some token count is not
+experts, ignoring the router). The path columns exclude the router, but for `native` (the C
+kernel, which routes in its own call). A path 3x slower than the fastest one at some token count is not
 timed at larger counts (as in `tune_dispatch`: the gathered path would allocate ~1 GB per call at
 512 tokens). Prints a table, writes JSON.
 
@@ -57,7 +58,9 @@ def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: 
             x = torch.randn(t, hidden, dtype=dtype)
             _, idx, w = moe.route(x)
             fns = {"dense": lambda: dense(x), "moe": lambda: moe(x)}
-            fns.update({path: (lambda path=path: getattr(moe, path)(x, idx, w)) for path in paths})
+            # The C kernel routes in its own call: its column includes the router.
+            fns.update({path: (lambda path=path: moe.routed(path, x) if path == "native" else getattr(moe, path)(x, idx, w))
+                        for path in paths})
             times = median_in_turns(fns, repeats, WARM_CALLS)
             row = dict(tokens=t, experts=n, top_k=k)
             row.update({f"{name}_ms": times[name] * 1e3 if name in times else None for name in ["dense", "moe", *PATHS]})

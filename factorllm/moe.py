@@ -26,13 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native_moe
 from .model import GatedMLP, activation
 from .timing import doubling_counts, median_in_turns, planned
 
 GATES = ("sum", "scaled", "weighted")
 # Ways to run the experts on a batch (methods of MoEFFN); `tune_dispatch` picks one per batch size.
 # "kernels" needs the per-expert kernels that `pack` builds (see available_paths).
-DISPATCH_PATHS = ("grouped", "looped", "padded", "masked", "gathered", "kernels")
+# "native" needs the C kernel's weights (factorllm/native_moe.py), which `pack` builds where it runs.
+DISPATCH_PATHS = ("grouped", "looped", "padded", "masked", "gathered", "kernels", "native")
 # A plan's `padded` gives way to `grouped` when padding would exceed this many rows per (token,
 # expert) pair: real text routes far less evenly than the random inputs tune_dispatch times
 # (docs/results.md, session 14).
@@ -97,6 +99,7 @@ class MoEFFN(nn.Module):
         self._gate_up: tuple[torch.Tensor, tuple[int, int]] | None = None  # see gate_up
         self.packed: tuple[Callable, Callable, int] | None = None  # see pack
         self.expert_kernels: list[tuple[Callable, Callable]] | None = None  # see pack
+        self.native: native_moe.NativeMoE | None = None  # see pack
         self.shared_packed = False
         self.router_packed = False  # see pack
         self.last_idx: torch.Tensor | None = None
@@ -155,9 +158,10 @@ class MoEFFN(nn.Module):
         first matmul also computes the router logits (its weight's last N rows, in the kernel's
         dtype): one kernel call instead of the router's own fp32 call and the casts around it,
         ~50 us less per layer at decode sizes (docs/results.md, session 19). The kernels hold
-        their own copy of the weights: pack again after changing them."""
+        their own copy of the weights: pack again after changing them. Where the C kernel runs
+        (factorllm/native_moe.py), the layer also gets its weights for the `native` path."""
         self.packed, self.shared_packed, self.expert_kernels = None, False, None
-        self.router_packed = False
+        self.router_packed, self.native = False, None
         if kernel is None:  # a tuned plan's `kernels` entries fall back to `masked`
             self.dispatch_plan = [(n, "masked" if p == "kernels" else p) for n, p in self.dispatch_plan]
             return
@@ -187,6 +191,8 @@ class MoEFFN(nn.Module):
             gate_up = torch.cat(gates + ups + router)
             self.packed = (kernel(gate_up), down_kernel(torch.cat(down).t().contiguous()), extra)
             self.shared_packed, self.router_packed = extra > 0, route_in_masked
+        if not self.keeps_every_expert and native_moe.usable(self):
+            self.native = native_moe.pack(self)
 
     def _apply(self, fn, recurse=True):
         self._gate_up = None  # .to()/.cuda() give the parameters new tensors: let the old one go
@@ -259,13 +265,17 @@ class MoEFFN(nn.Module):
                 weights = torch.full_like(top_logits, self.num_experts / self.top_k)
             else:
                 weights = None
-            if self.collect_stats:
-                if len(self.pending_stats) >= MAX_PENDING:
-                    self._fold_stats()
-                self.pending_stats.append((logits.detach(), idx))
+            self.record(logits, idx)
+        return logits, idx, None if weights is None else weights.to(dtype)
+
+    def record(self, logits: torch.Tensor, idx: torch.Tensor) -> None:
+        """Keep an inference forward's routing for `routing_stats` (and the engine's traces)."""
+        if self.collect_stats:
+            if len(self.pending_stats) >= MAX_PENDING:
+                self._fold_stats()
+            self.pending_stats.append((logits.detach(), idx))
         if self.record_routing:
             self.last_idx = idx
-        return logits, idx, None if weights is None else weights.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -281,7 +291,11 @@ class MoEFFN(nn.Module):
     def routed(self, path: str, x: torch.Tensor) -> torch.Tensor:
         """Route x [T, H] and run its experts by `path`: what serving runs, and what
         `tune_dispatch` times. `masked` over packed kernels that hold the router's rows (see
-        `pack`) routes in its own matmul."""
+        `pack`) routes in its own matmul; `native` routes in its C call, shared groups included."""
+        if path == "native":
+            out, logits, idx = self.native(x, self.top_k)
+            self.record(logits, idx)
+            return out
         if path == "masked" and self.router_packed:
             out = self.packed[0](x)
             # A copy: the statistics keep the logits until the step ends, and a view would keep
@@ -311,10 +325,12 @@ class MoEFFN(nn.Module):
 
     def use_plan(self, plan: list[tuple[int, str]]) -> None:
         """Serve with `plan` (tune_dispatch's, or that of a layer of the same shape) and let the
-        per-expert kernels' weight copies go if it never takes them."""
+        per-expert kernels' or the C kernel's weight copies go if it never takes them."""
         self.dispatch_plan = plan
         if all(path != "kernels" for _, path in plan):
             self.expert_kernels = None
+        if all(path != "native" for _, path in plan):
+            self.native = None
 
     def set_top_k(self, top_k: int) -> None:
         """Route each token to `top_k` experts from now on (the weights stay as built). The
@@ -466,7 +482,8 @@ class MoEFFN(nn.Module):
     @property
     def available_paths(self) -> tuple[str, ...]:
         return tuple(p for p in DISPATCH_PATHS
-                     if (p != "kernels" or self.expert_kernels) and (p != "grouped" or self.grouped_fits))
+                     if (p != "kernels" or self.expert_kernels) and (p != "grouped" or self.grouped_fits)
+                     and (p != "native" or self.native))
 
     def masked(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None,
                packed_out: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,44 +9,21 @@ other (session 8, which did not keep a C++ kernel); in whole decode steps, where
 rows come from memory, this kernel made steps 1.13-1.57x faster on the AVX512-BF16 EPYC at 1-64
 rows (docs/results.md, session 27).
 
-Built as a plain C file (no torch headers: ~0.4 s to compile) and called through ctypes, which lets
-go of the GIL. Compiled with -fopenmp, its libgomp dependency resolves to the libgomp that torch
-has already loaded (same soname), so its parallel loop runs on the step thread's own OpenMP team:
-no second team, whose threads would make libgomp stop spin-waiting (see server/engine.py).
-The shared object is compiled for this CPU (-march=native) into $FACTORLLM_CACHE/kernels, keyed by
-the source and the CPU. Without a C compiler, or if the build fails, the kernel is not offered and
+Built and loaded by factorllm/native.py; where it cannot be built, the kernel is not offered and
 `Transformer.tune_decode_attention` chooses among torch's kernels.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from . import native
 
 MAX_HEAD_DIM, MAX_GROUP = 256, 16
 
 SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
-#include <stdlib.h>
-
-static inline float bf16_to_f32(uint16_t x) { uint32_t u = (uint32_t)x << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t u; memcpy(&u, &f, 4); u += 0x7FFFu + ((u >> 16) & 1u); return (uint16_t)(u >> 16);
-}
-
 /* One decode step. q, out: [B, H, D] contiguous bf16. k, v: bf16, element (row b, kv head h,
    position s, d) at b*sb + h*sh + s*ss + d. Row b attends to its first lens[b] positions (all S
    when lens is NULL). The (row, kv head) pairs are shared out among the OpenMP threads. */
@@ -100,63 +77,15 @@ void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
 }
 """
 
-# -ffast-math: reassociated dot products and vectorized expf (every exponent is finite here).
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC",
-          f"-DMAX_HEAD_DIM={MAX_HEAD_DIM}", f"-DMAX_GROUP={MAX_GROUP}"]
-
-
-def _cpu_key() -> str:
-    """What the compiled code depends on besides its source: the CPU (-march=native)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = []
-    return platform.machine() + "\n" + "\n".join(lines)
-
-
-def _build(out: Path) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src, lib = Path(tmp) / "decode_attention.c", Path(tmp) / out.name
-        src.write_text(SOURCE)
-        run = subprocess.run([cc, *CFLAGS, "-o", str(lib), str(src), "-lm"], capture_output=True, text=True)
-        if run.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {run.stderr.strip()[-500:]}")
-        os.replace(lib, out)  # atomic: a process building the same file beside us is harmless
-
-
-def _openmp_runtimes() -> set[str]:
-    """The OpenMP libraries mapped into this process."""
-    with open("/proc/self/maps") as maps:
-        return {ln.split()[-1] for ln in maps if "libgomp" in ln or "libiomp" in ln or "libomp" in ln}
-
-
 @functools.lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None where it cannot be built here (logged once)."""
-    if platform.system() != "Linux":
-        return None
-    from .loading import cache_dir  # (loading imports model, which imports this module)
-    key = hashlib.sha256((SOURCE + " ".join(CFLAGS) + _cpu_key()).encode()).hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"decode_attention-{key}.so"
-    try:
-        if not path.exists():
-            _build(path)
-        lib = ctypes.CDLL(str(path))
-        runtimes = _openmp_runtimes()
-        if len(runtimes) > 1:
-            raise RuntimeError(f"it would run on a second OpenMP runtime beside torch's: {runtimes}")
-    except (OSError, RuntimeError) as e:
-        log.warning("native decode attention unavailable, using torch's: %s", e)
-        return None
-    fn = lib.decode_attention_bf16
-    ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    fn.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, i32, i64, i64, i64, ptr, ctypes.c_float]
-    fn.restype = None
+    """The compiled kernel library, or None where it cannot be built here (see factorllm/native.py)."""
+    lib = native.library("decode_attention", SOURCE, (("MAX_HEAD_DIM", MAX_HEAD_DIM), ("MAX_GROUP", MAX_GROUP)))
+    if lib is not None:
+        fn = lib.decode_attention_bf16
+        ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        fn.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, i32, i64, i64, i64, ptr, ctypes.c_float]
+        fn.restype = None
     return lib
 
 
