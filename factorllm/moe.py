@@ -159,9 +159,11 @@ class MoEFFN(nn.Module):
         dtype): one kernel call instead of the router's own fp32 call and the casts around it,
         ~50 us less per layer at decode sizes (docs/results.md, session 19). The kernels hold
         their own copy of the weights: pack again after changing them. Where the C kernel runs
-        (factorllm/native_moe.py), the layer also gets its weights for the `native` path."""
+        (factorllm/native_moe.py), the layer also gets its weights for the `native` path,
+        whatever `kernel` is."""
         self.packed, self.shared_packed, self.expert_kernels = None, False, None
-        self.router_packed, self.native = False, None
+        self.router_packed = False
+        self.native = native_moe.pack(self) if not self.keeps_every_expert and native_moe.usable(self) else None
         if kernel is None:  # a tuned plan's `kernels` entries fall back to `masked`
             self.dispatch_plan = [(n, "masked" if p == "kernels" else p) for n, p in self.dispatch_plan]
             return
@@ -191,8 +193,6 @@ class MoEFFN(nn.Module):
             gate_up = torch.cat(gates + ups + router)
             self.packed = (kernel(gate_up), down_kernel(torch.cat(down).t().contiguous()), extra)
             self.shared_packed, self.router_packed = extra > 0, route_in_masked
-        if not self.keeps_every_expert and native_moe.usable(self):
-            self.native = native_moe.pack(self)
 
     def _apply(self, fn, recurse=True):
         self._gate_up = None  # .to()/.cuda() give the parameters new tensors: let the old one go

@@ -1,0 +1,85 @@
+"""The C MoE kernel (factorllm/native_moe.py) on real layers of the default model: the same
+routing and, within bf16 rounding, the same output as the fp32 layer; each token's output
+independent of its batch; routing statistics kept; offered only where it runs."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from factorllm import native_moe
+from factorllm.factor_config import FactorConfig
+from factorllm.factorize import factorize_layer
+from factorllm.moe import routing_stats
+
+needs_kernel = pytest.mark.skipif(native_moe.load() is None, reason="needs a C compiler and AVX512-BF16")
+
+
+def layers(default_model, experts, top_k, shared=0, gate="sum"):
+    """Layer 3's FFN factorized (random router) in fp32, and a bf16 copy packed for serving."""
+    dense = default_model.model.layers[3].mlp
+    factor = FactorConfig(experts=experts, top_k=top_k, partition="contiguous", shared_experts=shared, gate=gate,
+                          router_init="random")
+    factor.validate(dense.gate_proj.out_features)
+    fp32 = factorize_layer(dense, torch.empty(0, 576), factor, 3).eval()
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    bf16.router = copy.deepcopy(fp32.router)  # engines keep it in fp32
+    bf16.pack(None)
+    return fp32, bf16
+
+
+@needs_kernel
+@pytest.mark.parametrize("experts,top_k,shared,gate", [(16, 4, 0, "sum"), (14, 3, 2, "weighted"),
+                                                       (8, 2, 0, "scaled"), (32, 8, 0, "sum")])
+@pytest.mark.parametrize("tokens", [1, 5, 33])
+def test_native_layer_matches_the_fp32_layer(default_model, experts, top_k, shared, gate, tokens):
+    fp32, bf16 = layers(default_model, experts, top_k, shared, gate)
+    assert "native" in bf16.available_paths
+    x = torch.randn(tokens, 576, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    with torch.no_grad():
+        out = bf16.routed("native", x)
+        logits, idx = bf16.pending_stats[-1]
+        want = fp32.routed("masked", x.float())
+        want_logits, want_idx = fp32.pending_stats[-1]
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(idx, want_idx)
+    assert out.dtype == torch.bfloat16 and out.shape == (tokens, 576)
+    assert (out.float() - want).norm() < 0.01 * want.norm()
+
+
+@needs_kernel
+def test_each_token_gets_the_same_output_in_any_batch(default_model):
+    _, bf16 = layers(default_model, 16, 4)
+    x = torch.randn(24, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        together = bf16.routed("native", x)
+        alone = torch.cat([bf16.routed("native", x[i:i + 1]) for i in range(len(x))])
+    assert torch.equal(together, alone)
+
+
+@needs_kernel
+def test_a_plan_that_takes_native_serves_it_and_keeps_the_statistics(default_model):
+    _, bf16 = layers(default_model, 8, 2)
+    x = torch.randn(10, 576, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    bf16.use_plan([(16, "native")])
+    with torch.no_grad():
+        served = bf16(x)
+        direct = bf16.routed("native", x)
+    assert torch.equal(served, direct)
+    idx = bf16.pending_stats[-1][1]
+    counts, _ = routing_stats([bf16])
+    assert torch.equal(counts[0], 2 * torch.bincount(idx.flatten(), minlength=8))
+
+
+def test_native_is_offered_only_where_it_runs(default_model):
+    """fp32 weights, and experts narrower than its 16-neuron blocks, keep to torch's paths; a plan
+    without `native` lets its weight copy go."""
+    fp32, bf16 = layers(default_model, 128, 16)  # experts of 12 neurons
+    assert not native_moe.usable(fp32) and not native_moe.usable(bf16)
+    assert bf16.native is None and "native" not in bf16.available_paths
+    _, bf16 = layers(default_model, 8, 2)
+    if native_moe.load() is not None:
+        assert bf16.native is not None
+        bf16.use_plan([(16, "masked")])
+        assert bf16.native is None and "native" not in bf16.available_paths
