@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import KernelLinear
+from .model import GatedMLP, KernelLinear
 from .moe import MoEFFN
 
 log = logging.getLogger(__name__)
@@ -92,14 +92,15 @@ def compile_row_buckets(max_rows: int, max_macs: int) -> None:
 
 
 def prepack_linears(root: nn.Module, batch_hint: int) -> bool:
-    """Every fp32 or bf16 nn.Linear under `root` but the MoE routers becomes a `KernelLinear` over
-    `prepacked`; MoE layers get the same kernels for their masked path and per-expert kernels
-    (`MoEFFN.pack`). Returns False, with plain linears left, on builds without these oneDNN ops."""
+    """Every fp32 or bf16 nn.Linear under `root` but the MoE routers and the FFNs that run in the C
+    kernel (`native_moe.pack_dense_ffns`) becomes a `KernelLinear` over `prepacked`; MoE layers get
+    the same kernels for their masked path and per-expert kernels (`MoEFFN.pack`). Returns False, with plain linears left, on builds without these oneDNN ops."""
     try:
         for parent in list(root.modules()):
             for name, child in list(parent.named_children()):
                 if (type(child) is nn.Linear and child.weight.dtype in PREPACKED_DTYPES
-                        and name not in getattr(parent, "fused_away", ()) and not isinstance(parent, MoEFFN)):
+                        and name not in getattr(parent, "fused_away", ()) and not isinstance(parent, MoEFFN)
+                        and not (isinstance(parent, GatedMLP) and parent.native is not None)):
                     setattr(parent, name, KernelLinear(child, prepacked(child.weight, batch_hint, child.bias)))
             if isinstance(parent, MoEFFN):
                 parent.pack(lambda w: prepacked(w, batch_hint))

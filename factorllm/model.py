@@ -119,6 +119,7 @@ class GatedMLP(nn.Module):
         self.act = activation(act)
         self.gate_up_proj: nn.Linear | None = None  # see fuse()
         self.fused_away: tuple[str, ...] = ()       # projections forward() no longer calls
+        self.native = None  # the C kernel's copy of the weights, see native_moe.pack_dense_ffns
 
     def fuse(self) -> None:
         """One matmul for gate and up."""
@@ -133,6 +134,8 @@ class GatedMLP(nn.Module):
         return self.act(self.gate_proj(x)) * self.up_proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native(x.reshape(-1, x.shape[-1]), 0)[0].view_as(x)
         return self.down_proj(self.hidden(x))
 
 

@@ -39,6 +39,7 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from factorllm import native_moe
 from factorllm.device import int8_dtype, resolve_device, resolve_dtype, resolve_quantization
 from factorllm.kernels import compile_row_buckets, prepack_linears
 from factorllm.kv_cache import CacheBatch, KVCache
@@ -259,6 +260,7 @@ class Engine:
             crossovers = quantize_int8(self.model)
             log.info("int8 weights; int8 kernel up to these rows per weight shape: %s", crossovers)
         elif self.device.type == "cpu":
+            native_moe.pack_dense_ffns(self.model)
             prepack_linears(self.model, config.max_num_seqs)
         num_slots = config.max_num_seqs
         if config.kv_cache_memory_fraction is not None:

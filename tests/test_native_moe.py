@@ -83,3 +83,22 @@ def test_native_is_offered_only_where_it_runs(default_model):
         assert bf16.native is not None
         bf16.use_plan([(16, "masked")])
         assert bf16.native is None and "native" not in bf16.available_paths
+
+
+@needs_kernel
+def test_dense_ffns_run_as_one_always_on_group(default_model):
+    """pack_dense_ffns: the dense FFN through the kernel matches the fp32 FFN within bf16 rounding,
+    for any leading shape; its linears are then left out of oneDNN prepacking."""
+    from factorllm.kernels import prepack_linears
+    fp32 = default_model.model.layers[3].mlp
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    bf16.fuse()
+    assert native_moe.pack_dense_ffns(bf16) == 1 and bf16.native is not None
+    x = torch.randn(2, 7, 576, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.no_grad():
+        want = fp32(x.float())
+        got = bf16(x)
+    assert got.shape == x.shape and (got.float() - want).norm() < 0.01 * want.norm()
+    prepack_linears(bf16, 8)
+    assert type(bf16.down_proj) is torch.nn.Linear and type(bf16.gate_up_proj) is torch.nn.Linear
+    assert native_moe.pack_dense_ffns(copy.deepcopy(fp32)) == 0  # fp32 keeps torch's matmuls
