@@ -40,12 +40,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from factorllm import native_moe
-from factorllm.device import (
-    int8_dtype,
-    resolve_device,
-    resolve_dtype,
-    resolve_quantization,
-)
+from factorllm.device import int8_dtype, resolve_device, resolve_dtype, resolve_quantization
 from factorllm.kernels import compile_row_buckets, prepack_linears
 from factorllm.kv_cache import CacheBatch, KVCache
 from factorllm.moe import MoEFFN, routing_stats
