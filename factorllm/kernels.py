@@ -1,4 +1,5 @@
-"""Prepacked oneDNN linears: the CPU matmul the engine runs its weights through.
+"""The CPU matmuls the engine runs its weights through: prepacked oneDNN linears, and for bf16
+where it builds the C kernel of factorllm/native_linear.py (`linear_kernel` picks).
 
 `prepacked(weight)` reorders a weight once into oneDNN's blocked layout for its matmul kernel, so
 that each call skips the packing a plain `F.linear` redoes. Measured at the default model's shapes:
@@ -9,17 +10,21 @@ that each call skips the packing a plain `F.linear` redoes. Measured at the defa
     dense decode step 1.2x / 1.4x / 1.2x faster at 1 / 16 / 64 sequences (docs/results.md).
 Routers stay plain: their small fp32 matmul is faster as an sgemv than through oneDNN's set-up.
 oneDNN compiles a kernel per weight shape and row count: rows are padded to a few buckets
-(`row_bucket`), all compiled before serving (`compile_row_buckets`).
+(`row_bucket`), all compiled before serving (`compile_row_buckets`). On a CPU with AVX512-BF16 the
+C kernel beat oneDNN's prepacked bf16 matmul at every default-model shape and row count measured,
+1.04-4.6x at 1-256 rows (docs/results.md, session 29).
 """
 from __future__ import annotations
 
 import logging
 import weakref
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native_linear
 from .model import GatedMLP, KernelLinear
 from .moe import MoEFFN
 
@@ -64,15 +69,27 @@ class PrepackedLinear:
 _one_per_shape: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def prepacked(weight: torch.Tensor, batch_hint: int, bias: torch.Tensor | None = None) -> PrepackedLinear:
-    """A `PrepackedLinear` over `weight`, checked once against F.linear."""
-    linear = PrepackedLinear(weight, batch_hint, bias)
+def _checked(linear: Callable, weight: torch.Tensor, bias: torch.Tensor | None) -> Callable:
     x = torch.randn(3, weight.shape[1], dtype=weight.dtype)
     with torch.inference_mode():
         if not torch.allclose(linear(x).float(), F.linear(x, weight, bias).float(), atol=1e-2, rtol=1e-2):
-            raise RuntimeError("prepacked linear disagrees with F.linear")
+            raise RuntimeError(f"{type(linear).__name__} disagrees with F.linear")
+    return linear
+
+
+def prepacked(weight: torch.Tensor, batch_hint: int, bias: torch.Tensor | None = None) -> PrepackedLinear:
+    """A `PrepackedLinear` over `weight`, checked once against F.linear."""
+    linear = _checked(PrepackedLinear(weight, batch_hint, bias), weight, bias)
     _one_per_shape.setdefault((tuple(weight.shape), weight.dtype, bias is not None, batch_hint), linear)
     return linear
+
+
+def linear_kernel(weight: torch.Tensor, batch_hint: int, bias: torch.Tensor | None = None) -> Callable:
+    """x @ weight.T (+ bias) by the C kernel where it runs this weight (bf16, AVX512-BF16), else
+    `prepacked`; checked once against F.linear."""
+    if native_linear.usable(weight):
+        return _checked(native_linear.NativeLinear(weight, bias), weight, bias)
+    return prepacked(weight, batch_hint, bias)
 
 
 @torch.inference_mode()
@@ -93,17 +110,18 @@ def compile_row_buckets(max_rows: int, max_macs: int) -> None:
 
 def prepack_linears(root: nn.Module, batch_hint: int) -> bool:
     """Every fp32 or bf16 nn.Linear under `root` but the MoE routers and the FFNs that run in the C
-    kernel (`native_moe.pack_dense_ffns`) becomes a `KernelLinear` over `prepacked`; MoE layers get
-    the same kernels for their masked path and per-expert kernels (`MoEFFN.pack`). Returns False, with plain linears left, on builds without these oneDNN ops."""
+    kernel (`native_moe.pack_dense_ffns`) becomes a `KernelLinear` over `linear_kernel`; MoE layers
+    get the same kernels for their masked path and per-expert kernels (`MoEFFN.pack`). Returns
+    False, with plain linears left, on builds without these oneDNN ops."""
     try:
         for parent in list(root.modules()):
             for name, child in list(parent.named_children()):
                 if (type(child) is nn.Linear and child.weight.dtype in PREPACKED_DTYPES
                         and name not in getattr(parent, "fused_away", ()) and not isinstance(parent, MoEFFN)
                         and not (isinstance(parent, GatedMLP) and parent.native is not None)):
-                    setattr(parent, name, KernelLinear(child, prepacked(child.weight, batch_hint, child.bias)))
+                    setattr(parent, name, KernelLinear(child, linear_kernel(child.weight, batch_hint, child.bias)))
             if isinstance(parent, MoEFFN):
-                parent.pack(lambda w: prepacked(w, batch_hint))
+                parent.pack(lambda w: linear_kernel(w, batch_hint))
         return True
     except Exception as e:  # builds without oneDNN or with another op signature: plain linears
         log.info("no prepacked linears (%s)", e)

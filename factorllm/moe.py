@@ -4,7 +4,8 @@ Expert e owns E = intermediate/N neurons: rows of gate_proj/up_proj and columns 
 Weights are stacked per layer as `experts_gate [N, E, H]`, `experts_up [N, E, H]` and
 `experts_down [N, E, H]` (ready for grouped kernels and export). At inference gate and up run as
 one matmul per expert on a fused `[N, 2E, H]` tensor (see `gate_up`); the dispatch paths that
-run the experts are methods named in DISPATCH_PATHS. Optional shared neurons
+run the experts are methods named in DISPATCH_PATHS, but for `native`, the C kernel
+(factorllm/native_moe.py) that routes and runs the whole layer in one call. Optional shared neurons
 form an always-on dense `GatedMLP`.
 
 Gates (a documented choice, all exact at K = N):

@@ -1,6 +1,7 @@
-"""The C MoE kernel (factorllm/native_moe.py) on real layers of the default model: the same
-routing and, within bf16 rounding, the same output as the fp32 layer; each token's output
-independent of its batch; routing statistics kept; offered only where it runs."""
+"""The C kernels on real layers of the default model. The MoE kernel (factorllm/native_moe.py):
+the same routing and, within bf16 rounding, the same output as the fp32 layer; each token's output
+independent of its batch; routing statistics kept; offered only where it runs. The linear kernel
+(factorllm/native_linear.py): F.linear's result within bf16 rounding at any row count."""
 from __future__ import annotations
 
 import copy
@@ -8,9 +9,12 @@ import copy
 import pytest
 import torch
 
-from factorllm import native_moe
+import torch.nn.functional as F
+
+from factorllm import native_linear, native_moe
 from factorllm.factor_config import FactorConfig
 from factorllm.factorize import factorize_layer
+from factorllm.kernels import linear_kernel
 from factorllm.moe import routing_stats
 
 needs_kernel = pytest.mark.skipif(native_moe.load() is None, reason="needs a C compiler and AVX512-BF16")
@@ -102,3 +106,24 @@ def test_dense_ffns_run_as_one_always_on_group(default_model):
     prepack_linears(bf16, 8)
     assert type(bf16.down_proj) is torch.nn.Linear and type(bf16.gate_up_proj) is torch.nn.Linear
     assert native_moe.pack_dense_ffns(copy.deepcopy(fp32)) == 0  # fp32 keeps torch's matmuls
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 16, 37])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_native_linear_matches_f_linear(default_model, rows, with_bias):
+    """The default model's q/k/v projections fused (960 outputs, not a multiple of the kernel's
+    64-column chunks) and its LM head's first 1,000 rows (not a multiple of 16: left to oneDNN)."""
+    attn = default_model.model.layers[3].self_attn
+    weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(torch.bfloat16)
+    bias = (torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+            if with_bias else None)
+    kernel = linear_kernel(weight, 8, bias)
+    assert isinstance(kernel, native_linear.NativeLinear)
+    x = torch.randn(2, rows, 576, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    want = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    got = kernel(x)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert (got.float() - want).norm() < 0.005 * want.norm()
+    head = default_model.model.lm_head.weight[:1000].to(torch.bfloat16)
+    assert not native_linear.usable(head) and not native_linear.usable(weight.float())
