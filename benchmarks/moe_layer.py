@@ -3,12 +3,13 @@
 For each token count and (N, K): median time of the dense FFN and of the MoE layer (each
 dispatch path in `DISPATCH_PATHS`, and the whole layer with the path `tune_dispatch` picks), all
 timed in turns; the speed-up over dense and its fraction of the FLOP bound (N / K for routed
-experts, ignoring the router). The dense FFN runs as the engine runs it: through the C kernel
-where it runs (`native_moe.pack_dense_ffns`, CPU bf16), its oneDNN matmuls beside it for
-reference. The path columns exclude the router, but for `native` (the C
-kernel, which routes in its own call). A path 3x slower than the fastest one at some token count is not
-timed at larger counts (as in `tune_dispatch`: the gathered path would allocate ~1 GB per call at
-512 tokens). Prints a table, writes JSON.
+experts, ignoring the router). The dense FFN runs as the engine runs it: through the C MoE kernel
+as one always-on group where that runs (`native_moe.pack_dense_ffns`, CPU bf16), and beside it as
+two calls of the engine's linear kernels (`kernels.linear_kernel`) for reference. The path
+columns exclude the router, but for `native` (the C kernel, which routes in its own call). A path
+3x slower than the fastest one at some token count is not timed at larger counts (as in
+`tune_dispatch`: the gathered path would allocate ~1 GB per call at 512 tokens). Prints a table,
+writes JSON.
 
     python benchmarks/moe_layer.py [--tokens 1 8 64 512] [--configs 8x2 16x4 32x8] [--out FILE]
 """
@@ -49,14 +50,14 @@ def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: 
         factor = FactorConfig(experts=n, top_k=k, partition="contiguous", router_init="random")
         factor.validate(base.gate_proj.out_features)
         moe = factorize_layer(base, torch.empty(0, hidden), factor, layer).to(dtype).eval()
-        onednn = copy.deepcopy(base).to(dtype)
-        onednn.fuse()  # one matmul for gate and up, as in the engine
-        dense = copy.deepcopy(onednn)
+        linears = copy.deepcopy(base).to(dtype)
+        linears.fuse()  # one matmul for gate and up, as in the engine
+        dense = copy.deepcopy(linears)
         native_moe.pack_dense_ffns(dense)
         moe.collect_stats = False
-        moe.router.float()  # as the engine runs them: fp32 router, prepacked oneDNN linears
+        moe.router.float()  # as the engine runs them: fp32 router, its linear kernels
         prepack_linears(dense, 64)
-        prepack_linears(onednn, 64)
+        prepack_linears(linears, 64)
         prepack_linears(moe, 64)
         moe.tune_dispatch(max(tokens))
         paths = list(moe.available_paths)
@@ -65,13 +66,13 @@ def run(tokens: list[int], configs: list[tuple[int, int]], repeats: int, layer: 
             _, idx, w = moe.route(x)
             fns = {"dense": lambda: dense(x), "moe": lambda: moe(x)}
             if dense.native is not None:
-                fns["dense_onednn"] = lambda: onednn(x)
+                fns["dense_linears"] = lambda: linears(x)
             # The C kernel routes in its own call: its column includes the router.
             fns.update({path: (lambda path=path: moe.routed(path, x) if path == "native" else getattr(moe, path)(x, idx, w))
                         for path in paths})
             times = median_in_turns(fns, repeats, WARM_CALLS)
             row = dict(tokens=t, experts=n, top_k=k)
-            row.update({f"{name}_ms": times[name] * 1e3 if name in times else None for name in ["dense", "dense_onednn", "moe", *PATHS]})
+            row.update({f"{name}_ms": times[name] * 1e3 if name in times else None for name in ["dense", "dense_linears", "moe", *PATHS]})
             fastest = min(times[path] for path in paths)
             paths = [path for path in paths if times[path] <= 3 * fastest]
             row["path"] = moe.path_for(t)
@@ -96,11 +97,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     configs = [tuple(int(v) for v in c.split("x")) for c in args.configs]
     rows = run(args.tokens, configs, args.repeats, args.layer, getattr(torch, args.dtype))
-    print(f"| tokens | N | K | dense ms | dense oneDNN ms | MoE ms (picked path) | {' | '.join(PATHS)} | speed-up | FLOP bound | of bound |")
+    print(f"| tokens | N | K | dense ms | dense 2 linears ms | MoE ms (picked path) | {' | '.join(PATHS)} | speed-up | FLOP bound | of bound |")
     print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(PATHS) + "---:|---:|---:|")
     for r in rows:
-        onednn, *paths = ("-" if r[f"{path}_ms"] is None else f"{r[f'{path}_ms']:.3f}" for path in ["dense_onednn", *PATHS])
-        print(f"| {r['tokens']} | {r['experts']} | {r['top_k']} | {r['dense_ms']:.3f} | {onednn} | {r['moe_ms']:.3f} ({r['path']}) | "
+        linears, *paths = ("-" if r[f"{path}_ms"] is None else f"{r[f'{path}_ms']:.3f}" for path in ["dense_linears", *PATHS])
+        print(f"| {r['tokens']} | {r['experts']} | {r['top_k']} | {r['dense_ms']:.3f} | {linears} | {r['moe_ms']:.3f} ({r['path']}) | "
               f"{' | '.join(paths)} | {r['speedup']:.2f}x | {r['flop_bound']:.1f}x | {r['fraction_of_bound']:.2f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
