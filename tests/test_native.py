@@ -1,7 +1,8 @@
 """The C kernels on real layers of the default model. The MoE kernel (factorllm/native_moe.py):
 the same routing and, within bf16 rounding, the same output as the fp32 layer; each token's output
 independent of its batch; routing statistics kept; offered only where it runs. The linear kernel
-(factorllm/native_linear.py): F.linear's result within bf16 rounding at any row count."""
+(factorllm/native_linear.py): F.linear's result within bf16 rounding at any row count. The
+RMSNorm (factorllm/native_norm.py): torch's result exactly."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +12,7 @@ import torch
 
 import torch.nn.functional as F
 
-from factorllm import native_linear, native_moe
+from factorllm import native_linear, native_moe, native_norm
 from factorllm.factor_config import FactorConfig
 from factorllm.factorize import factorize_layer
 from factorllm.kernels import linear_kernel
@@ -127,3 +128,21 @@ def test_native_linear_matches_f_linear(default_model, rows, with_bias):
     assert (got.float() - want).norm() < 0.005 * want.norm()
     head = default_model.model.lm_head.weight[:1000].to(torch.bfloat16)
     assert not native_linear.usable(head) and not native_linear.usable(weight.float())
+
+
+@pytest.mark.skipif(native_norm.load() is None, reason="needs a C compiler")
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_native_rms_norm_equals_torchs(default_model, offset):
+    """Inference on bf16 rows takes the C RMSNorm; it rounds as torch's fp32 norm does (Gemma's
+    offset weight included), and a changed weight is picked up."""
+    norm = copy.deepcopy(default_model.model.model.layers[3].input_layernorm).to(torch.bfloat16)
+    norm.offset = offset
+    x = (torch.randn(3, 7, 576, generator=torch.Generator().manual_seed(4)) * 3).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = norm(x)
+    want = norm(x)  # gradients on: torch's ops
+    assert want.requires_grad and torch.equal(got, want.detach())
+    with torch.no_grad():
+        norm.weight.mul_(2)
+        changed = norm(x)
+    assert not torch.equal(changed, got) and torch.equal(changed, norm(x).detach())
