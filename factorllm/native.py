@@ -90,3 +90,15 @@ def library(name: str, source: str, defines: tuple[tuple[str, int], ...] = ()) -
         log.warning("native kernel %s unavailable, using torch's: %s", name, e)
         return None
     return lib
+
+
+def bf16_library(name: str, source: str, function: str, argtypes: list) -> ctypes.CDLL | None:
+    """`library` for a kernel written with AVX512-BF16 intrinsics: None where this CPU (the
+    compiler's -march=native) lacks them; `function` gets `argtypes` and no result."""
+    lib = library(name, "#ifdef __AVX512BF16__\n#include <immintrin.h>\nint has_bf16(void) { return 1; }\n"
+                  + source + "#else\nint has_bf16(void) { return 0; }\n#endif\n")
+    if lib is None or not lib.has_bf16():
+        return None
+    getattr(lib, function).argtypes = argtypes
+    getattr(lib, function).restype = None
+    return lib

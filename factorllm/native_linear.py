@@ -18,10 +18,6 @@ import torch
 from . import native
 
 SOURCE = r"""
-#ifdef __AVX512BF16__
-#include <immintrin.h>
-
-int linear_supported(void) { return 1; }
 
 /* TB rows x NC blocks of 16 output columns: dot products over I2 pairs of inputs. */
 static inline __attribute__((always_inline)) void tile(
@@ -77,22 +73,14 @@ void linear_bf16(const uint16_t *x, const uint16_t *w, const float *bias, uint16
         }
     }
 }
-#else
-int linear_supported(void) { return 0; }
-#endif
 """
 
 
 @functools.lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The compiled library where this CPU has AVX512-BF16, else None."""
-    lib = native.library("linear", SOURCE)
-    if lib is None or not lib.linear_supported():
-        return None
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    lib.linear_bf16.argtypes = [ptr] * 4 + [i32] * 3
-    lib.linear_bf16.restype = None
-    return lib
+    return native.bf16_library("linear", SOURCE, "linear_bf16", [ptr] * 4 + [i32] * 3)
 
 
 def usable(weight: torch.Tensor) -> bool:

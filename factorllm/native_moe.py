@@ -27,10 +27,6 @@ from . import native
 GATE_MODES = {"sum": 0, "scaled": 1, "weighted": 2}
 
 SOURCE = r"""
-#ifdef __AVX512BF16__
-#include <immintrin.h>
-
-int moe_supported(void) { return 1; }
 
 #define TILE 4  /* (token, expert) pairs per register tile */
 
@@ -191,22 +187,14 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
     }
     free(count); free(start); free(pair_token); free(pair_weight); free(top_w); free(hidden);
 }
-#else
-int moe_supported(void) { return 0; }
-#endif
 """
 
 
 @functools.lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The compiled library where this CPU has AVX512-BF16, else None."""
-    lib = native.library("moe", SOURCE)
-    if lib is None or not lib.moe_supported():
-        return None
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    lib.moe_forward_bf16.argtypes = [ptr] * 7 + [i32] * 7 + [ctypes.c_float]
-    lib.moe_forward_bf16.restype = None
-    return lib
+    return native.bf16_library("moe", SOURCE, "moe_forward_bf16", [ptr] * 7 + [i32] * 7 + [ctypes.c_float])
 
 
 @dataclass
