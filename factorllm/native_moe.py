@@ -101,6 +101,7 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
     #pragma omp parallel
     {
         float *xf = malloc(sizeof(float) * H);
+        char *taken = calloc(N, 1);
         #pragma omp for schedule(static)
         for (int t = 0; t < T; t++) {         /* router logits, top-k and gate weights */
             for (int h = 0; h < H; h++) xf[h] = bf16_to_f32(x[(int64_t)t * H + h]);
@@ -115,14 +116,13 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
             float *wt = top_w + (int64_t)t * K, sum = 0.f;
             for (int j = 0; j < K; j++) {     /* largest first; ties to the lower index */
                 int best = -1;
-                for (int n = 0; n < N; n++) {
-                    int taken = 0;
-                    for (int i = 0; i < j; i++) taken |= it[i] == n;
-                    if (!taken && (best < 0 || lt[n] > lt[best])) best = n;
-                }
+                for (int n = 0; n < N; n++)
+                    if (!taken[n] && (best < 0 || lt[n] > lt[best])) best = n;
                 it[j] = best;
+                taken[best] = 1;
                 wt[j] = gate_mode == 1 ? scale : 1.f;
             }
+            for (int j = 0; j < K; j++) taken[it[j]] = 0;
             if (gate_mode == 2) {
                 for (int j = 0; j < K; j++) { wt[j] = expf(lt[it[j]] - lt[it[0]]); sum += wt[j]; }
                 for (int j = 0; j < K; j++) wt[j] *= K / sum;
@@ -184,6 +184,7 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
         }
         free(y);
         free(xf);
+        free(taken);
     }
     free(count); free(start); free(pair_token); free(pair_weight); free(top_w); free(hidden);
 }
