@@ -175,25 +175,31 @@ class MoEFFN(nn.Module):
                 gu = self.gate_up()
                 self.expert_kernels = [(kernel(gu[e]), down_kernel(self.experts_down[e].t().contiguous()))
                                        for e in range(N)]
-            gates = [self.experts_gate.reshape(N * E, H)]
-            ups = [self.experts_up.reshape(N * E, H)]
-            down = [self.experts_down.reshape(N * E, H)]
-            extra = 0
-            if self.shared_joins_experts:
-                sh = self.shared
-                extra = sh.gate_proj.out_features // E
-                gates.append(sh.gate_proj.weight)
-                ups.append(sh.up_proj.weight)
-                down.append(sh.down_proj.weight.t())
+            gate, up, down = self.group_weights()
+            extra = gate.shape[0] // E - N
             # All gate rows, then all up rows: the activation then reads one contiguous half
             # (on the per-expert interleaved [N, 2E] layout it ran ~4x slower).
             router = []
             if route_in_masked:  # zero rows after the router's keep the output rows 64-byte aligned
-                w = self.router.weight.to(gates[0].dtype)
+                w = self.router.weight.to(gate.dtype)
                 router = [w, w.new_zeros(-N % 32, H)]
-            gate_up = torch.cat(gates + ups + router)
-            self.packed = (kernel(gate_up), down_kernel(torch.cat(down).t().contiguous()), extra)
+            gate_up = torch.cat([gate, up, *router])
+            self.packed = (kernel(gate_up), down_kernel(down.t().contiguous()), extra)
             self.shared_packed, self.router_packed = extra > 0, route_in_masked
+
+    def group_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gate rows, up rows and down columns (as rows) [G*E, H] of the routed experts, then of
+        the shared neurons where they form whole expert-sized groups: what `pack`'s masked
+        matmuls and the C kernel (factorllm/native_moe.py) run as G groups."""
+        N, E, H = self.experts_down.shape
+        gates, ups = [self.experts_gate.reshape(N * E, H)], [self.experts_up.reshape(N * E, H)]
+        downs = [self.experts_down.reshape(N * E, H)]
+        if self.shared_joins_experts:
+            sh = self.shared
+            gates.append(sh.gate_proj.weight)
+            ups.append(sh.up_proj.weight)
+            downs.append(sh.down_proj.weight.t())
+        return torch.cat(gates), torch.cat(ups), torch.cat(downs)
 
     def _apply(self, fn, recurse=True):
         self._gate_up = None  # .to()/.cuda() give the parameters new tensors: let the old one go

@@ -99,6 +99,6 @@ def bf16_library(name: str, source: str, function: str, argtypes: list) -> ctype
                   + source + "#else\nint has_bf16(void) { return 0; }\n#endif\n")
     if lib is None or not lib.has_bf16():
         return None
-    getattr(lib, function).argtypes = argtypes
-    getattr(lib, function).restype = None
+    fn = getattr(lib, function)
+    fn.argtypes, fn.restype = argtypes, None
     return lib

@@ -18,7 +18,6 @@ import torch
 from . import native
 
 SOURCE = r"""
-
 /* TB rows x NC blocks of 16 output columns: dot products over I2 pairs of inputs. */
 static inline __attribute__((always_inline)) void tile(
         const int TB, const int NC, const uint32_t *x32, int I2, const uint16_t *w, int64_t block_stride,

@@ -27,7 +27,6 @@ from . import native
 GATE_MODES = {"sum": 0, "scaled": 1, "weighted": 2}
 
 SOURCE = r"""
-
 #define TILE 4  /* (token, expert) pairs per register tile */
 
 /* Gate and up rows of NB blocks of 16 neurons for TB pairs: dot products over the hidden size
@@ -238,33 +237,25 @@ def usable(moe) -> bool:
 
 
 @torch.no_grad()
-def _pack(router: torch.Tensor, gates: list[torch.Tensor], ups: list[torch.Tensor], downs: list[torch.Tensor],
-          E: int, gate: str) -> NativeMoE:
-    """The kernel's layout of groups of E neurons: gate and up rows [G*E, H], down rows [G*E, H]
-    (each neuron's output column), the first N = len(router) groups routed."""
-    H = gates[0].shape[1]
-    G = sum(w.shape[0] for w in gates) // E
+def _pack(router: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, E: int,
+          gate_mode: str) -> NativeMoE:
+    """The kernel's layout of groups of E neurons from gate and up rows and down columns (as rows)
+    [G*E, H], the first N = len(router) groups routed."""
+    H = gate.shape[1]
+    G = gate.shape[0] // E
 
     def pairs_of_hidden(w: torch.Tensor) -> torch.Tensor:  # [G*E, H] -> [G, E/16, H/2, 16, 2]
         return w.reshape(G, E // 16, 16, H // 2, 2).permute(0, 1, 3, 2, 4)
-    gate_up = torch.stack([pairs_of_hidden(torch.cat(gates)), pairs_of_hidden(torch.cat(ups))], 3)
-    down = torch.cat(downs).reshape(G, E // 2, 2, H // 16, 16).permute(0, 3, 1, 4, 2)
+    gate_up = torch.stack([pairs_of_hidden(gate), pairs_of_hidden(up)], 3)
+    down = down.reshape(G, E // 2, 2, H // 16, 16).permute(0, 3, 1, 4, 2)
     return NativeMoE(router=router.detach().float().contiguous(),
                      gate_up=gate_up.to(torch.bfloat16).contiguous(), down=down.to(torch.bfloat16).contiguous(),
-                     shared_groups=G - router.shape[0], gate_mode=GATE_MODES[gate])
+                     shared_groups=G - router.shape[0], gate_mode=GATE_MODES[gate_mode])
 
 
 def pack(moe) -> NativeMoE:
     """`moe`'s weights (routed experts, then shared groups) in the kernel's layout."""
-    N, E, H = moe.experts_down.shape
-    gates, ups = [moe.experts_gate.reshape(N * E, H)], [moe.experts_up.reshape(N * E, H)]
-    downs = [moe.experts_down.reshape(N * E, H)]
-    if moe.shared is not None:
-        sh = moe.shared
-        gates.append(sh.gate_proj.weight)
-        ups.append(sh.up_proj.weight)
-        downs.append(sh.down_proj.weight.t())
-    return _pack(moe.router.weight, gates, ups, downs, E, moe.gate)
+    return _pack(moe.router.weight, *moe.group_weights(), moe.expert_size, moe.gate)
 
 
 def pack_dense_ffns(root: torch.nn.Module) -> int:
@@ -274,7 +265,6 @@ def pack_dense_ffns(root: torch.nn.Module) -> int:
     from .model import GatedMLP  # (model imports the kernels' users)
     ffns = [m for m in root.modules() if isinstance(m, GatedMLP) and _runs(m.down_proj.weight.t(), m.act_name)]
     for m in ffns:
-        H = m.down_proj.out_features
-        m.native = _pack(torch.empty(0, H), [m.gate_proj.weight], [m.up_proj.weight], [m.down_proj.weight.t()],
-                         m.down_proj.in_features, "sum")
+        m.native = _pack(torch.empty(0, m.down_proj.out_features), m.gate_proj.weight, m.up_proj.weight,
+                         m.down_proj.weight.t(), m.down_proj.in_features, "sum")
     return len(ffns)
