@@ -5,8 +5,9 @@
 Builds the engine's model as the server does (bf16 where the CPU computes it natively, fused and
 prepacked linears, the warm-up's tuning), then times decode steps (model forward and LM head) of
 R rows at about C cached positions each (rows at different positions, so with a mask, as serving
-has them) with every layer's decode attention forced to one kernel of `model.DECODE_ATTENTION`
-(two batched matmuls, SDPA's flash kernel, the C kernel of factorllm/native_attention.py) and with
+has them) with every layer's decode attention forced to one kernel of
+`model.decode_attention_kernels` (two batched matmuls, SDPA's flash kernel, the C kernel of
+factorllm/native_attention.py, which also rotates q and k and writes the cache) and with
 the warm-up's tuned plan. Kernels alternate within each repeat, so that load from other processes
 hits them alike; each cell is the median over repeats of the median step of a repeat. Timing single
 layers on warm caches misleads here (docs/results.md, session 27): this is the measurement that
@@ -27,10 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from factorllm import native_attention  # noqa: E402
 from factorllm.device import off_main_thread  # noqa: E402
 from factorllm.loading import load_model  # noqa: E402
-from factorllm.model import DECODE_ATTENTION, Attention  # noqa: E402
+from factorllm.model import Attention, decode_attention_kernels  # noqa: E402
 from server.engine import Engine, EngineConfig  # noqa: E402
 from decode_profile import decode_step  # noqa: E402
 
@@ -46,8 +46,7 @@ def measure(engine: Engine, cases: list[tuple[int, int]], repeats: int, steps: i
     attentions = [m for m in engine.model.modules() if isinstance(m, Attention)]
     tuned = attentions[0].decode_plan
     cfg = engine.model.config
-    native = native_attention.usable(engine.cache.k[0], cfg.num_attention_heads)
-    kernels = [k for k in DECODE_ATTENTION if k != "native" or native] + ["tuned"]
+    kernels = decode_attention_kernels(engine.cache, cfg.num_attention_heads) + ["tuned"]
     rng = random.Random(0)
     results = []
     for rows, context in cases:

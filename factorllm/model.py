@@ -269,14 +269,19 @@ def flash_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.transpose(1, 2)
 
 
-# "native": factorllm/native_attention.py, timed only where its C kernel builds and fits the shapes.
-DECODE_ATTENTION = {"matmuls": decode_attention, "sdpa": flash_decode_attention,
-                    "native": native_attention.native_decode_attention}
+DECODE_ATTENTION = {"matmuls": decode_attention, "sdpa": flash_decode_attention}
+
+
+def decode_attention_kernels(cache, num_heads: int) -> list[str]:
+    """The kernels CPU bf16/fp16 decoding can attend by with this KVCache: `DECODE_ATTENTION`'s,
+    which read the cache after torch's rotation and cache writes, and "native", the C kernel that
+    does all three in one call (factorllm/native_attention.py) where it builds and fits the shapes."""
+    return [*DECODE_ATTENTION] + (["native"] if native_attention.usable(cache.k[0], num_heads) else [])
 
 
 def decode_attention_path(plan: list[tuple[int, str]], rows: int) -> str:
-    """CPU bf16/fp16 decoding's attention kernel (a `DECODE_ATTENTION` key) for `rows` rows by a
-    plan of (most rows, path) from `Transformer.tune_decode_attention`. Untuned: "matmuls"."""
+    """CPU bf16/fp16 decoding's attention kernel (of `decode_attention_kernels`) for `rows` rows by
+    a plan of (most rows, path) from `Transformer.tune_decode_attention`. Untuned: "matmuls"."""
     return planned(plan, rows, "matmuls")
 
 
@@ -306,6 +311,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         cfg = self.cfg
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if (T == 1 and cache is not None and x.dtype in (torch.bfloat16, torch.float16) and not x.is_cuda
+                and decode_attention_path(self.decode_plan, B) == "native"):
+            return self.o_proj(self.native_decode(x, cos, sin, cache, layer, batch).view(B, T, -1))
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)
             qk = apply_rope(qkv[..., :(H + KV) * D].view(B, T, H + KV, D), cos, sin)
@@ -332,6 +340,23 @@ class Attention(nn.Module):
             q.transpose(1, 2), k, v, attn_mask=mask,
             is_causal=causal, enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def native_decode(self, x, cos, sin, cache, layer: int, batch) -> torch.Tensor:
+        """A decode step's attention [B, heads * D] by the C kernel, which also rotates q and k and
+        writes the cache (with the fused projection; models that normalize q and k first rotate
+        them here)."""
+        B, cfg = x.shape[0], self.cfg
+        H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(B, -1)
+            q, k, v = qkv[:, :H * D], qkv[:, H * D:(H + KV) * D], qkv[:, (H + KV) * D:]
+            return native_attention.decode(q, k, v, (cos, sin), cache, layer, batch)
+        q = self.q_proj(x).view(B, 1, H, D)
+        k = self.k_proj(x).view(B, 1, KV, D)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin).view(B, -1), apply_rope(k, cos, sin).view(B, -1)
+        return native_attention.decode(q, k, self.v_proj(x).view(B, -1), None, cache, layer, batch)
 
 
 class Block(nn.Module):
@@ -397,7 +422,7 @@ class Transformer(nn.Module):
         cfg = self.config
         dtype, device = cache.k.dtype, cache.k.device
         max_rows = min(max_rows, cache.num_slots)
-        kernels = [k for k in DECODE_ATTENTION if k != "native" or native_attention.usable(cache.k[0], cfg.num_attention_heads)]
+        kernels = decode_attention_kernels(cache, cfg.num_attention_heads)
         turn = itertools.count()
 
         def layer_step(kernel: str, x: torch.Tensor, cos, sin, batch) -> torch.Tensor:

@@ -1,13 +1,14 @@
-"""Decode attention on CPU as a small C kernel, built once with the system's C compiler.
+"""Decode attention on CPU as one small C call per layer, built once with the system's C compiler.
 
-One query per row against bf16 keys and values read in place from the engine's strided cache, in
-fp32 arithmetic (scores, softmax, weighted sum), the (row, kv head) pairs shared out by OpenMP.
-torch's batched matmuls (model.decode_attention) first copy each layer's cached rows into
-contiguous blocks (oneDNN wants them so), then run matmuls three columns wide (the query heads of
-one kv head). Timed alone on one layer's cache-warm rows the two came out within 20% of each
-other (session 8, which did not keep a C++ kernel); in whole decode steps, where every layer's
-rows come from memory, this kernel made steps 1.13-1.57x faster on the AVX512-BF16 EPYC at 1-64
-rows (docs/results.md, session 27).
+For the B rows of a decode step (one new token each) the kernel rotates the new query and key heads
+(rotary embedding), stores the new keys and values in the engine's cache, and attends each row's
+query heads over its cached positions: bf16 keys and values read in place from the strided cache,
+scores, softmax and weighted sum in fp32, the (row, kv head) pairs shared out by OpenMP. Scores
+use AVX512-BF16 pair dot products where the CPU has them (exact products, fp32 sums), plain C
+otherwise. In torch the same work is ~12 calls per layer (the rotation's casts and products, two
+indexed cache writes, slicing, the mask's lengths) before the attention itself; torch's batched
+matmuls (model.decode_attention) also first copy each layer's cached rows into contiguous blocks.
+docs/results.md (sessions 27 and 30) has the measurements.
 
 Built and loaded by factorllm/native.py; where it cannot be built, the kernel is not offered and
 `Transformer.tune_decode_attention` chooses among torch's kernels.
@@ -24,51 +25,91 @@ from . import native
 MAX_HEAD_DIM, MAX_GROUP = 256, 16
 
 SOURCE = r"""
-/* One decode step. q, out: [B, H, D] contiguous bf16. k, v: bf16, element (row b, kv head h,
-   position s, d) at b*sb + h*sh + s*ss + d. Row b attends to its first lens[b] positions (all S
-   when lens is NULL). The (row, kv head) pairs are shared out among the OpenMP threads. */
-void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out,
-                           int B, int H, int KV, int S, int D, int64_t sb, int64_t sh, int64_t ss,
-                           const int32_t *lens, float scale) {
-    const int G = H / KV;
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
+/* Compiled per model shape: HEAD_DIM (D) and GROUP (G, query heads per kv head) are constants, so
+   that every loop below has a fixed length the compiler unrolls and keeps in registers. */
+enum { D = HEAD_DIM, G = GROUP };
+
+/* Rotate one head x [D] by the half-split rotary embedding (as model.apply_rope: x * cos +
+   [x2, x1] * sin, sin signed) and round to bf16; a plain copy when cos is NULL. */
+static void rotate(const uint16_t *x, const float *cos, const float *sin, uint16_t *out) {
+    if (!cos) { memcpy(out, x, sizeof(uint16_t) * D); return; }
+    for (int j = 0; j < D; j++)
+        out[j] = f32_to_bf16(bf16_to_f32(x[j]) * cos[j] + bf16_to_f32(x[(j + D / 2) % D]) * sin[j]);
+}
+
+/* scores[g][s] = scale * q_g . k_s for the G query heads q [G, D] and positions s < n, k rows ss apart. */
+static void head_scores(const uint16_t *q, const uint16_t *k, int64_t ss, int n, float scale, float *scores, int span) {
+#if defined(__AVX512BF16__) && HEAD_DIM % 32 == 0
+    __m512bh qv[G][D / 32];  /* bf16 pair dot products: exact products, fp32 sums */
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < D / 32; c++) qv[g][c] = (__m512bh)_mm512_loadu_si512(q + g * D + 32 * c);
+    for (int s = 0; s < n; s++) {
+        __m512bh kv[D / 32];
+        for (int c = 0; c < D / 32; c++) kv[c] = (__m512bh)_mm512_loadu_si512(k + s * ss + 32 * c);
+        for (int g = 0; g < G; g++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int c = 0; c < D / 32; c++) acc = _mm512_dpbf16_ps(acc, kv[c], qv[g][c]);
+            scores[g * span + s] = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+#else
+    float qf[G][D], row[D];
+    for (int g = 0; g < G; g++)
+        for (int d = 0; d < D; d++) qf[g][d] = bf16_to_f32(q[g * D + d]);
+    for (int s = 0; s < n; s++) {
+        for (int d = 0; d < D; d++) row[d] = bf16_to_f32(k[s * ss + d]);
+        for (int g = 0; g < G; g++) {
+            float dot = 0.f;
+            for (int d = 0; d < D; d++) dot += qf[g][d] * row[d];
+            scores[g * span + s] = dot * scale;
+        }
+    }
+#endif
+}
+
+/* One decode step of attention, one new token per row b: rotate the row's new query and key heads
+   (cos, sin: [B, D] fp32, rope_tables' layout; NULL when they come rotated), store its key and value
+   in the cache at (slots[b], pos[b]), and attend over positions 0..pos[b]. q: [B, KV*G*D], k_new
+   and v_new: [B, KV*D], bf16, rows qs / ks / vs apart. kc, vc: one layer's cache, element (slot,
+   kv head, position, d) at slot*sb + h*sh + position*ss + d. out: [B, KV*G*D] bf16. Scores,
+   softmax and the weighted sum in fp32; the (row, kv head) pairs are shared out among the OpenMP
+   threads, each pair writing and reading only its own cache block. */
+void decode_attention_bf16(const uint16_t *q, int64_t qs, const uint16_t *k_new, int64_t ks,
+                           const uint16_t *v_new, int64_t vs, const float *cos, const float *sin,
+                           uint16_t *kc, uint16_t *vc, int64_t sb, int64_t sh, int64_t ss,
+                           const int32_t *slots, const int32_t *pos, uint16_t *out, int B, int KV, float scale) {
+    int span = 1;
+    for (int b = 0; b < B; b++) span = pos[b] + 1 > span ? pos[b] + 1 : span;
     #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * G * S);
-        float qf[MAX_GROUP][MAX_HEAD_DIM], row[MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], top[MAX_GROUP], norm[MAX_GROUP];
+        float *scores = malloc(sizeof(float) * G * span);
         #pragma omp for schedule(static)
         for (int bh = 0; bh < B * KV; bh++) {
-            const int b = bh / KV, h = bh % KV, n = lens ? lens[b] : S;
-            const uint16_t *kb = k + b * sb + h * sh, *vb = v + b * sb + h * sh;
-            const uint16_t *qb = q + ((int64_t)b * H + h * G) * D;
-            for (int g = 0; g < G; g++) {
-                for (int d = 0; d < D; d++) qf[g][d] = bf16_to_f32(qb[g * D + d]) * scale;
-                top[g] = -3.0e38f;
-            }
-            for (int s = 0; s < n; s++) {          /* scores of every query head of this kv head */
-                const uint16_t *kr = kb + s * ss;
-                for (int d = 0; d < D; d++) row[d] = bf16_to_f32(kr[d]);
-                for (int g = 0; g < G; g++) {
-                    float dot = 0.f;
-                    for (int d = 0; d < D; d++) dot += qf[g][d] * row[d];
-                    scores[g * S + s] = dot;
-                    top[g] = dot > top[g] ? dot : top[g];
-                }
-            }
-            for (int g = 0; g < G; g++) {          /* softmax numerators and their sum */
-                float *sc = scores + g * S, sum = 0.f;
-                for (int s = 0; s < n; s++) { sc[s] = expf(sc[s] - top[g]); sum += sc[s]; }
+            const int b = bh / KV, h = bh % KV, n = pos[b] + 1;
+            const float *cb = cos ? cos + (int64_t)b * D : NULL, *sn = sin ? sin + (int64_t)b * D : NULL;
+            uint16_t *kb = kc + slots[b] * sb + h * sh, *vb = vc + slots[b] * sb + h * sh, qr[G * D];
+            rotate(k_new + b * ks + h * D, cb, sn, kb + pos[b] * ss);
+            memcpy(vb + pos[b] * ss, v_new + b * vs + h * D, sizeof(uint16_t) * D);
+            for (int g = 0; g < G; g++) rotate(q + b * qs + (h * G + g) * D, cb, sn, qr + g * D);
+            head_scores(qr, kb, ss, n, scale, scores, span);
+            float acc[G][D], norm[G];
+            for (int g = 0; g < G; g++) {          /* softmax, normalized at the end */
+                float *sc = scores + g * span, top = sc[0], sum = 0.f;
+                for (int s = 1; s < n; s++) top = sc[s] > top ? sc[s] : top;
+                for (int s = 0; s < n; s++) { sc[s] = expf(sc[s] - top); sum += sc[s]; }
                 norm[g] = 1.f / sum;
                 for (int d = 0; d < D; d++) acc[g][d] = 0.f;
             }
             for (int s = 0; s < n; s++) {          /* weighted sum of the values */
-                const uint16_t *vr = vb + s * ss;
-                for (int d = 0; d < D; d++) row[d] = bf16_to_f32(vr[d]);
-                for (int g = 0; g < G; g++) {
-                    const float p = scores[g * S + s];
-                    for (int d = 0; d < D; d++) acc[g][d] += p * row[d];
-                }
+                float row[D];
+                for (int d = 0; d < D; d++) row[d] = bf16_to_f32(vb[s * ss + d]);
+                for (int g = 0; g < G; g++)
+                    for (int d = 0; d < D; d++) acc[g][d] += scores[g * span + s] * row[d];
             }
-            uint16_t *ob = out + ((int64_t)b * H + h * G) * D;
+            uint16_t *ob = out + ((int64_t)b * KV + h) * G * D;
             for (int g = 0; g < G; g++)
                 for (int d = 0; d < D; d++) ob[g * D + d] = f32_to_bf16(acc[g][d] * norm[g]);
         }
@@ -77,15 +118,16 @@ void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
 }
 """
 
-@functools.lru_cache(maxsize=1)
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None where it cannot be built here (see factorllm/native.py)."""
-    lib = native.library("decode_attention", SOURCE, (("MAX_HEAD_DIM", MAX_HEAD_DIM), ("MAX_GROUP", MAX_GROUP)))
+
+@functools.lru_cache(maxsize=None)
+def load(head_dim: int = 64, group: int = 3) -> ctypes.CDLL | None:
+    """The kernel library for heads of `head_dim` and `group` query heads per kv head, or None
+    where it cannot be built here (see factorllm/native.py)."""
+    lib = native.library("decode_attention", SOURCE, (("HEAD_DIM", head_dim), ("GROUP", group)))
     if lib is not None:
-        fn = lib.decode_attention_bf16
         ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        fn.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, i32, i64, i64, i64, ptr, ctypes.c_float]
-        fn.restype = None
+        lib.decode_attention_bf16.argtypes = [ptr, i64] * 3 + [ptr, ptr] * 2 + [i64] * 3 + [ptr] * 3 + [i32] * 2 + [ctypes.c_float]
+        lib.decode_attention_bf16.restype = None
     return lib
 
 
@@ -95,22 +137,27 @@ def usable(k: torch.Tensor, num_heads: int) -> bool:
     per kv head."""
     KV, D = k.shape[1], k.shape[3]
     return (k.dtype == torch.bfloat16 and not k.is_cuda and D <= MAX_HEAD_DIM and k.stride(-1) == 1
-            and num_heads % KV == 0 and num_heads // KV <= MAX_GROUP and load() is not None)
+            and num_heads % KV == 0 and num_heads // KV <= MAX_GROUP and load(D, num_heads // KV) is not None)
 
 
-def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            mask: torch.Tensor | None) -> torch.Tensor:
-    """`model.decode_attention` by the C kernel: q [B, 1, heads, D], k/v [B, kv_heads, S, D]
-    strided views of the cache (same strides), mask [B, 1, 1, S] bool, each row's visible keys a
-    prefix (as decode rows' are), or None. Returns [B, 1, heads, D]."""
-    fn = load().decode_attention_bf16
-    B, _, H, D = q.shape
-    KV, S = k.shape[1], k.shape[2]
-    assert k.stride() == v.stride(), "keys and values must share their layout"
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    lens = None if mask is None else mask.view(B, S).sum(-1, dtype=torch.int32)
-    sb, sh, ss, _ = k.stride()
-    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, KV, S, D, sb, sh, ss,
-       None if lens is None else lens.data_ptr(), D ** -0.5)
+def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+           cache, layer: int, batch) -> torch.Tensor:
+    """Attention of a decode step by the kernel (see `usable`): q [B, heads * D], k and v [B,
+    kv_heads * D] (rows may be strided views, as slices of the fused projection are), `rope` the
+    step's (cos, sin) from `model.rope_tables` to rotate q and k with, or None when they come
+    rotated. Stores k and v in `cache` (a KVCache) at `layer`, each row at its slot and position of
+    `batch` (a CacheBatch of one token per row). Returns [B, heads * D]."""
+    B, HD = q.shape
+    kc, vc = cache.k[layer], cache.v[layer]
+    KV, D = kc.shape[1], kc.shape[3]
+    assert q.stride(1) == k.stride(1) == v.stride(1) == 1, "rows must be contiguous within"
+    cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())
+    out = torch.empty(B, HD, dtype=q.dtype)
+    sb, sh, ss, _ = kc.stride()
+    index = batch.decode_index
+    load(D, HD // D // KV).decode_attention_bf16(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+        None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
+        kc.data_ptr(), vc.data_ptr(), sb, sh, ss, index[0].data_ptr(), index[1].data_ptr(), out.data_ptr(),
+        B, KV, D ** -0.5)
     return out

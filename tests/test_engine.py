@@ -531,17 +531,19 @@ def test_fused_projections_match_and_save_unfused(sample_tokens):
     assert not m.layers[0].self_attn.qkv_proj.weight[:q_rows].any() and m.layers[0].self_attn.qkv_proj.weight[q_rows:].any()
 
 
-@pytest.mark.parametrize("path", ["matmuls", "sdpa", "native"])
-def test_bf16_cached_decode_matches_full_forward(fresh_default_model, sample_tokens, path):
+@pytest.mark.parametrize("path,fused", [("matmuls", False), ("sdpa", False), ("native", False), ("native", True)])
+def test_bf16_cached_decode_matches_full_forward(fresh_default_model, sample_tokens, path, fused):
     """CPU bf16 decoding attends by any kernel `tune_decode_attention` picks from (two batched
-    matmuls, SDPA's flash kernel, or the C kernel, which must build here) over head-major views
-    of the cache: rows at different
-    positions (a mask), in adjacent slots (views) or not (a gather), give the logits of a full
-    bf16 forward over each row's whole text."""
+    matmuls, SDPA's flash kernel, or the C kernel, which must build here, and which rotates q and
+    k itself when they come from the fused projection) over head-major views of the cache: rows
+    at different positions (a mask), in adjacent slots (views) or not (a gather), give the logits
+    of a full bf16 forward over each row's whole text."""
     from factorllm.kv_cache import CacheBatch, KVCache
     from factorllm import native_attention
     assert path != "native" or native_attention.load() is not None
     m = fresh_default_model.model.to(torch.bfloat16)
+    if fused:
+        m.fuse()
     lengths = [9, 17, 23, 14]  # tokens already cached per row; the next one is decoded
     for layer in m.layers:
         layer.self_attn.decode_plan = [(len(lengths), path)]
