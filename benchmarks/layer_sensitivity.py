@@ -28,8 +28,9 @@ from factorllm.loading import load_model  # noqa: E402
 
 
 class TailRunner:
-    """The dense model's residual stream at every layer's input for `tokens` (and the layers'
-    other arguments: RoPE tables, mask), captured from one ordinary forward pass, so that a model
+    """The dense model's residual stream at every layer's input for `tokens` (as each layer takes
+    it: the previous FFN output and the stream before it; and the layers' other arguments: RoPE
+    tables, mask), captured from one ordinary forward pass, so that a model
     changed only from layer l on can be rerun from there."""
 
     @torch.no_grad()
@@ -47,11 +48,11 @@ class TailRunner:
     @torch.no_grad()
     def kl_from(self, layer: int) -> float:
         """Mean per-token KL(dense || model) when layers `layer`.. are the model's current ones."""
-        x, cos, sin, mask, cache, _, batch = self.inputs[layer]
+        x, residual, cos, sin, mask, cache, _, batch = self.inputs[layer]
         for i in range(layer, len(self.model.layers)):
-            x = self.model.layers[i](x, cos, sin, mask, cache, i, batch)
+            x, residual = self.model.layers[i](x, residual, cos, sin, mask, cache, i, batch)
         p = self.dense_logp
-        logp = self.model.lm_head(self.model.model.norm(x)).float().log_softmax(-1)
+        logp = self.model.lm_head(self.model.model.norm.add_norm(x, residual)[0]).float().log_softmax(-1)
         return (p.exp() * (p - logp)).sum(-1).mean().item()
 
 

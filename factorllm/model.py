@@ -117,6 +117,16 @@ class RMSNorm(nn.Module):
         weight = self.weight.float() + self.offset if self.offset else self.weight.float()
         return F.rms_norm(x.float(), self.weight.shape, weight, self.eps).to(x.dtype)  # in fp32, as HF
 
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), or (norm(x), x) without a residual: a block's residual
+        add and the next norm, in one C call where the norm is one (as vLLM fuses them)."""
+        if residual is None:
+            return self(x), x
+        if native_norm.usable(x):
+            return native_norm.rms_norm(x, self.fp32_weight(), self.eps, residual)
+        total = x + residual
+        return self(total), total
+
 
 class GatedMLP(nn.Module):
     """The dense SwiGLU/GeGLU FFN: down(act(gate(x)) * up(x))."""
@@ -368,9 +378,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset)
         self.mlp: nn.Module = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer: int = 0, batch=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, mask, cache=None, layer: int = 0, batch=None):
+        """x: the previous block's FFN output (the embeddings at the first block, residual None),
+        residual: the residual stream before it. Returns this block's FFN output and the stream
+        before it; each sum is left to the next norm, which adds and normalizes in one call."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_norm(self.self_attn(h, cos, sin, mask, cache, layer, batch), residual)
+        return self.mlp(h), residual
 
 
 class Backbone(nn.Module):
@@ -428,7 +442,7 @@ class Transformer(nn.Module):
         def layer_step(kernel: str, x: torch.Tensor, cos, sin, batch) -> torch.Tensor:
             i = next(turn) % len(self.layers)
             self.layers[i].self_attn.decode_plan = [(x.shape[0], kernel)]
-            return self.layers[i](x, cos, sin, batch.mask, cache, i, batch)
+            return self.layers[i](x, None, cos, sin, batch.mask, cache, i, batch)
 
         plan = []
         for n in doubling_counts(max_rows):
@@ -457,9 +471,10 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         if self.config.is_gemma:
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i, batch)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, mask, cache, i, batch)
+        return self.model.norm.add_norm(x, residual)[0]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache=None, batch=None) -> torch.Tensor:

@@ -134,14 +134,20 @@ def test_native_linear_matches_f_linear(default_model, rows, with_bias):
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_native_rms_norm_equals_torchs(default_model, offset):
     """Inference on bf16 rows takes the C RMSNorm; it rounds as torch's fp32 norm does (Gemma's
-    offset weight included), and a changed weight is picked up."""
+    offset weight included), with the residual add before it as torch's bf16 add does, and a
+    changed weight is picked up."""
     norm = copy.deepcopy(default_model.model.model.layers[3].input_layernorm).to(torch.bfloat16)
     norm.offset = offset
     x = (torch.randn(3, 7, 576, generator=torch.Generator().manual_seed(4)) * 3).to(torch.bfloat16)
+    residual = (torch.randn(3, 7, 576, generator=torch.Generator().manual_seed(5)) * 30).to(torch.bfloat16)
     with torch.inference_mode():
         got = norm(x)
+        got_sum_norm, got_sum = norm.add_norm(x, residual)
     want = norm(x)  # gradients on: torch's ops
     assert want.requires_grad and torch.equal(got, want.detach())
+    want_sum_norm, want_sum = norm.add_norm(x, residual)
+    assert want_sum_norm.requires_grad and torch.equal(got_sum, want_sum) and torch.equal(got_sum_norm, want_sum_norm.detach())
+    assert not torch.equal(got_sum_norm, got)
     with torch.no_grad():
         norm.weight.mul_(2)
         changed = norm(x)
