@@ -155,6 +155,10 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.
     out = torch.empty(B, HD, dtype=q.dtype)
     sb, sh, ss, _ = kc.stride()
     index = batch.decode_index
+    # The kernel writes where it is told: check here what an indexed torch write would refuse.
+    if max(batch.host_starts) >= kc.shape[2] or max(batch.host_slots) >= kc.shape[0] or min(batch.host_slots) < 0:
+        raise IndexError(f"decode rows at positions {batch.host_starts} / slots {batch.host_slots} "
+                         f"outside the cache's {kc.shape[0]} slots x {kc.shape[2]} positions")
     load(D, HD // D // KV).decode_attention_bf16(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),

@@ -561,6 +561,22 @@ def test_bf16_cached_decode_matches_full_forward(fresh_default_model, sample_tok
             assert ((logits.float() - reference.float()).abs().max() / reference.float().abs().max()) < 0.05  # bf16 rounding: ~0.025
 
 
+def test_native_decode_refuses_rows_outside_the_cache(fresh_default_model):
+    """The C kernel writes keys and values where the batch says: a position or slot beyond the
+    cache is an IndexError (as torch's indexed write would be), with nothing written."""
+    from factorllm.kv_cache import CacheBatch, KVCache
+    from factorllm import native_attention
+    assert native_attention.load() is not None
+    m = fresh_default_model.model.to(torch.bfloat16)
+    for layer in m.layers:
+        layer.self_attn.decode_plan = [(1, "native")]
+    cache = KVCache.for_model(m, num_slots=2, max_len=8)
+    for slot, position in ((1, 8), (2, 0)):
+        with torch.inference_mode(), pytest.raises(IndexError, match="outside the cache"):
+            m(torch.tensor([[5]]), cache=cache, batch=CacheBatch.build([slot], [position], [1], "cpu"))
+    assert not cache.k.any() and not cache.v.any()
+
+
 def test_decode_attention_is_tuned_per_row_count(fresh_default_model):
     """The tuner times every kernel at 1, 2, 4, ... rows (contexts cut to the cache's rows) and
     gives every layer the plan; larger batches take the largest count's kernel."""
