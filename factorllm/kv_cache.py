@@ -53,8 +53,6 @@ class CacheBatch:
         batch.host_slots, batch.host_starts, batch.host_lengths = slots, starts, lengths
         contiguous = slots == list(range(slots[0], slots[0] + B))
         batch.slot_range = (slots[0], slots[0] + B) if contiguous else None
-        # The C decode attention's slots and positions (factorllm/native_attention.py), on the host.
-        batch.decode_index = torch.tensor([slots, starts], dtype=torch.int32) if T == 1 else None
         t = torch.arange(T, device=device)
         batch.positions = batch.starts[:, None] + t[None, :]               # [B, T]
         # Mask choice: no mask when every query sees every cached key (decode rows at one

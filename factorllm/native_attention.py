@@ -120,7 +120,7 @@ void decode_attention_bf16(const uint16_t *q, int64_t qs, const uint16_t *k_new,
 
 
 @functools.lru_cache(maxsize=None)
-def load(head_dim: int = 64, group: int = 3) -> ctypes.CDLL | None:
+def load(head_dim: int, group: int) -> ctypes.CDLL | None:
     """The kernel library for heads of `head_dim` and `group` query heads per kv head, or None
     where it cannot be built here (see factorllm/native.py)."""
     lib = native.library("decode_attention", SOURCE, (("HEAD_DIM", head_dim), ("GROUP", group)))
@@ -154,14 +154,24 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.
     cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())
     out = torch.empty(B, HD, dtype=q.dtype)
     sb, sh, ss, _ = kc.stride()
-    index = batch.decode_index
-    # The kernel writes where it is told: check here what an indexed torch write would refuse.
-    if max(batch.host_starts) >= kc.shape[2] or max(batch.host_slots) >= kc.shape[0] or min(batch.host_slots) < 0:
-        raise IndexError(f"decode rows at positions {batch.host_starts} / slots {batch.host_slots} "
-                         f"outside the cache's {kc.shape[0]} slots x {kc.shape[2]} positions")
+    index = _rows(batch, kc)
     load(D, HD // D // KV).decode_attention_bf16(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
         kc.data_ptr(), vc.data_ptr(), sb, sh, ss, index[0].data_ptr(), index[1].data_ptr(), out.data_ptr(),
         B, KV, D ** -0.5)
     return out
+
+
+def _rows(batch, kc: torch.Tensor) -> torch.Tensor:
+    """The batch's slots and positions as int32 [2, B], made once per step (every layer's call
+    reuses them) and checked then against the cache's slots and positions: the kernel writes where
+    it is told, so what an indexed torch write would refuse is refused here."""
+    index = getattr(batch, "native_rows", None)
+    if index is None:
+        slots, starts = batch.host_slots, batch.host_starts
+        if max(starts) >= kc.shape[2] or max(slots) >= kc.shape[0] or min(slots) < 0:
+            raise IndexError(f"decode rows at positions {starts} / slots {slots} "
+                             f"outside the cache's {kc.shape[0]} slots x {kc.shape[2]} positions")
+        index = batch.native_rows = torch.tensor([slots, starts], dtype=torch.int32)
+    return index

@@ -540,7 +540,7 @@ def test_bf16_cached_decode_matches_full_forward(fresh_default_model, sample_tok
     of a full bf16 forward over each row's whole text."""
     from factorllm.kv_cache import CacheBatch, KVCache
     from factorllm import native_attention
-    assert path != "native" or native_attention.load() is not None
+    assert path != "native" or native_attention.load(64, 3) is not None
     m = fresh_default_model.model.to(torch.bfloat16)
     if fused:
         m.fuse()
@@ -566,7 +566,7 @@ def test_native_decode_refuses_rows_outside_the_cache(fresh_default_model):
     cache is an IndexError (as torch's indexed write would be), with nothing written."""
     from factorllm.kv_cache import CacheBatch, KVCache
     from factorllm import native_attention
-    assert native_attention.load() is not None
+    assert native_attention.load(64, 3) is not None
     m = fresh_default_model.model.to(torch.bfloat16)
     for layer in m.layers:
         layer.self_attn.decode_plan = [(1, "native")]
@@ -597,7 +597,7 @@ def test_native_attention_builds_once_per_cpu_and_steps_aside_without_a_compiler
     code = ("import logging, sys; logging.basicConfig()\n"
             "from factorllm import native_attention as n\n"
             "from factorllm.loading import cache_dir\n"
-            "print(n.load() is not None, sorted(p.name for p in (cache_dir() / 'kernels').glob('*.so')))")
+            "print(n.load(64, 3) is not None, sorted(p.name for p in (cache_dir() / 'kernels').glob('*.so')))")
     runs = {}
     for name, cc in (("first", None), ("again", "false"), ("broken", "false")):
         cache = tmp_path / ("broken" if name == "broken" else "cache")
