@@ -287,8 +287,8 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if self.time_experts:  # timed steps run the experts one by one
-            path = "looped"
+        if self.time_experts:  # timed steps: the C kernel times its experts, else they run one by one
+            path = "native" if self.native is not None else "looped"
         elif torch.is_grad_enabled():  # training: see `masked`
             path = "masked"
         else:
@@ -300,7 +300,10 @@ class MoEFFN(nn.Module):
         `tune_dispatch` times. `masked` over packed kernels that hold the router's rows (see
         `pack`) routes in its own matmul; `native` routes in its C call, shared groups included."""
         if path == "native":
-            out, logits, idx = self.native(x, self.top_k)
+            seconds = torch.zeros(self.num_experts, dtype=torch.float64) if self.time_experts else None
+            out, logits, idx = self.native(x, self.top_k, seconds)
+            if seconds is not None:
+                self.expert_seconds = [a + b for a, b in zip(self.expert_seconds, seconds.tolist())]
             self.record(logits, idx)
             return out
         if path == "masked" and self.router_packed:

@@ -27,6 +27,7 @@ from . import native
 GATE_MODES = {"sum": 0, "scaled": 1, "weighted": 2}
 
 SOURCE = r"""
+#include <omp.h>
 #define TILE 4  /* (token, expert) pairs per register tile */
 
 /* Gate and up rows of NB blocks of 16 neurons for TB pairs: dot products over the hidden size
@@ -86,10 +87,12 @@ static inline __attribute__((always_inline)) void tile_down(
    the routed experts, then the always-on shared groups; per block of 16 neurons and hidden pair,
    16 gate lanes then 16 up lanes of two values each). down: [G, H/16, E/2, 16, 2] bf16.
    logits: [T, N] fp32 out; idx: [T, K] int64 out. gate_mode 0: each chosen expert counts once;
-   1: times `scale`; 2: K times the softmax of the chosen logits. Shared groups count once. */
+   1: times `scale`; 2: K times the softmax of the chosen logits. Shared groups count once.
+   seconds: NULL, or [N] fp64 to which each routed expert's compute time is added (the seconds
+   the threads spent on its gate/up and down work, summed over threads). */
 void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *gate_up,
                       const uint16_t *down, uint16_t *out, float *logits, int64_t *idx,
-                      int T, int H, int N, int S, int E, int K, int gate_mode, float scale) {
+                      int T, int H, int N, int S, int E, int K, int gate_mode, float scale, double *seconds) {
     enum { NCOLS = 48 };  /* output columns per down-projection work item */
     const int G = N + S, H2 = H / 2, E2 = E / 2, EB = E / 16, P = T * (K + S);
     const uint32_t *x32 = (const uint32_t *)x;
@@ -101,6 +104,7 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
     {
         float *xf = malloc(sizeof(float) * H);
         char *taken = calloc(N, 1);
+        double *spent = seconds ? calloc(G, sizeof(double)) : NULL;  /* this thread's, per group */
         #pragma omp for schedule(static)
         for (int t = 0; t < T; t++) {         /* router logits, top-k and gate weights */
             for (int h = 0; h < H; h++) xf[h] = bf16_to_f32(x[(int64_t)t * H + h]);
@@ -147,7 +151,9 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
         #pragma omp for schedule(dynamic)
         for (int item = 0; item < G * chunks; item++) {
             const int e = item / chunks, nb = 2 * (item % chunks), NB = EB - nb < 2 ? 1 : 2;
+            if (start[e] == start[e + 1]) continue;
             const uint16_t *w = gate_up + ((int64_t)e * EB + nb) * block_stride;
+            const double began = spent ? omp_get_wtime() : 0.0;
             for (int r = start[e]; r < start[e + 1]; r += TILE) {
                 const int TB = start[e + 1] - r < TILE ? start[e + 1] - r : TILE;
                 const int *tok = pair_token + r;
@@ -159,6 +165,7 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
                         hr[n] = f32_to_bf16(g[t][n] / (1.f + expf(-g[t][n])) * u[t][n] * wt);
                 }
             }
+            if (spent) spent[e] += omp_get_wtime() - began;
         }
         /* Down projections: per 48 output columns, every expert's pairs summed into the tokens. */
         float *y = malloc(sizeof(float) * (int64_t)T * NCOLS);
@@ -169,6 +176,8 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
             const int hb = 3 * item, NC = HB - hb < 3 ? HB - hb : 3;
             memset(y, 0, sizeof(float) * (int64_t)T * NCOLS);
             for (int e = 0; e < G; e++) {
+                if (start[e] == start[e + 1]) continue;
+                const double began = spent ? omp_get_wtime() : 0.0;
                 const uint16_t *w = down + ((int64_t)e * HB + hb) * down_stride;
                 const int64_t block_stride = down_stride;
                 for (int r = start[e]; r < start[e + 1]; r += TILE) {
@@ -177,9 +186,15 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
                     const uint32_t *h32 = (const uint32_t *)(hidden + (int64_t)r * E);
                     if (NC == 3) { CASES4(DOWN, TB, 3) } else if (NC == 2) { CASES4(DOWN, TB, 2) } else { CASES4(DOWN, TB, 1) }
                 }
+                if (spent) spent[e] += omp_get_wtime() - began;
             }
             for (int t = 0; t < T; t++)
                 for (int c = 0; c < 16 * NC; c++) out[(int64_t)t * H + 16 * hb + c] = f32_to_bf16(y[(int64_t)t * NCOLS + c]);
+        }
+        if (spent) {
+            #pragma omp critical
+            for (int e = 0; e < N; e++) seconds[e] += spent[e];
+            free(spent);
         }
         free(y);
         free(xf);
@@ -194,7 +209,7 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
 def load() -> ctypes.CDLL | None:
     """The compiled library where this CPU has AVX512-BF16, else None."""
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    return native.bf16_library("moe", SOURCE, "moe_forward_bf16", [ptr] * 7 + [i32] * 7 + [ctypes.c_float])
+    return native.bf16_library("moe", SOURCE, "moe_forward_bf16", [ptr] * 7 + [i32] * 7 + [ctypes.c_float, ptr])
 
 
 @dataclass
@@ -206,9 +221,11 @@ class NativeMoE:
     shared_groups: int
     gate_mode: int
 
-    def __call__(self, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, top_k: int,
+                 seconds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's output [T, H] (bf16), router logits [T, N] (fp32) and chosen experts [T, K]
-        for x [T, H]."""
+        for x [T, H]; `seconds` ([N] fp64), when given, gets each routed expert's compute time
+        added (thread-seconds: what the `looped` path's per-expert timing costs a whole slow step)."""
         T, H = x.shape
         N, E = self.router.shape[0], self.down.shape[2] * 2
         scale = N / top_k if top_k else 1.0  # (no routed experts: a dense FFN)
@@ -218,7 +235,8 @@ class NativeMoE:
         idx = torch.empty(T, top_k, dtype=torch.long)
         load().moe_forward_bf16(x.data_ptr(), self.router.data_ptr(), self.gate_up.data_ptr(), self.down.data_ptr(),
                                 out.data_ptr(), logits.data_ptr(), idx.data_ptr(),
-                                T, H, N, self.shared_groups, E, top_k, self.gate_mode, scale)
+                                T, H, N, self.shared_groups, E, top_k, self.gate_mode, scale,
+                                None if seconds is None else seconds.data_ptr())
         return out, logits, idx
 
 

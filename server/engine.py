@@ -674,8 +674,9 @@ class Engine:
     # ---- statistics
     def _begin_stats(self, record: bool, decode_only: bool):
         """Set the MoE layers up for this step's statistics; returns whether it times experts:
-        every Nth decode-only step. Timed steps run `looped` (one matmul chain per expert), which
-        a prefill of 16 prompts took 1.7x as long through as through its tuned path."""
+        every Nth decode-only step. Timed steps run the C kernel, which times its own experts, or
+        else `looped` (one matmul chain per expert), which a prefill of 16 prompts took 1.7x as
+        long through as through its tuned path."""
         timing = False
         if self.step_listeners and self.moes and decode_only:
             timing = self.num_decode_only_steps % max(1, self.config.expert_timing_every) == 0

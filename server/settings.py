@@ -57,7 +57,7 @@ class ServerSettings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call the API from a browser (CORS off when empty)")
     shutdown_timeout: float = Field(30.0, ge=0)
     expert_metrics: Literal["per-expert", "per-layer", "off"] = "per-expert"
-    expert_timing_every: int = Field(16, ge=1, description="time experts every Nth decode-only step (timed steps run the looped dispatch)")
+    expert_timing_every: int = Field(16, ge=1, description="time experts every Nth decode-only step (the C kernel times its own experts; elsewhere timed steps run the looped dispatch)")
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -1,6 +1,7 @@
 """The C kernels on real layers of the default model. The MoE kernel (factorllm/native_moe.py):
 the same routing and, within bf16 rounding, the same output as the fp32 layer; each token's output
-independent of its batch; routing statistics kept; offered only where it runs. The linear kernel
+independent of its batch; routing statistics kept; its own per-expert timing on timed steps;
+offered only where it runs. The linear kernel
 (factorllm/native_linear.py): F.linear's result within bf16 rounding at any row count. The
 RMSNorm (factorllm/native_norm.py): torch's result exactly."""
 from __future__ import annotations
@@ -75,6 +76,24 @@ def test_a_plan_that_takes_native_serves_it_and_keeps_the_statistics(default_mod
     idx = bf16.pending_stats[-1][1]
     counts, _ = routing_stats([bf16])
     assert torch.equal(counts[0], 2 * torch.bincount(idx.flatten(), minlength=8))
+
+
+@needs_kernel
+def test_timed_steps_run_native_and_time_the_chosen_experts(default_model):
+    _, bf16 = layers(default_model, 16, 2)
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    bf16.use_plan([(4, "grouped"), (64, "native")])  # 3 tokens: `grouped` unless timed
+    with torch.no_grad():
+        untimed = bf16(x)
+        bf16.time_experts = True
+        timed = bf16(x)
+        assert torch.equal(timed, bf16.routed("native", x))
+    assert (timed.float() - untimed.float()).norm() < 0.01 * untimed.float().norm()  # bf16 rounding apart
+    chosen = set(bf16.pending_stats[-1][1].flatten().tolist())
+    seconds = bf16.collect_expert_seconds()
+    assert len(seconds) == 16 and len(chosen) < 16
+    assert all((s > 0) == (e in chosen) for e, s in enumerate(seconds)), (seconds, chosen)
+    assert bf16.collect_expert_seconds() is None  # collected once
 
 
 def test_native_is_offered_only_where_it_runs(default_model):
