@@ -52,15 +52,25 @@ MAX_PENDING = 64
 
 def routing_stats(moes: list["MoEFFN"]) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens per expert [L, N] and the sum of the router's entropy (nats) [L] over the routing
-    records that the layers (all with N experts) kept since the last call; the records are used
-    up. A few ops for all layers and forwards together: counting in each layer's forward cost
-    ~70 us a layer at decode sizes (two dozen small ops), ~2 ms a step of the default model."""
+    records that the layers (all with N experts) kept since the last call, and what the C kernel
+    counted itself (`stats_in_kernel`); both are used up. A few ops for all layers and forwards
+    together: counting in each layer's forward cost ~70 us a layer at decode sizes (two dozen
+    small ops), ~2 ms a step of the default model; these ops cost ~1 ms a step in the engine,
+    the C kernel's counting nothing measurable."""
     N, device = moes[0].num_experts, moes[0].router.weight.device
     records = [(i, logits, idx) for i, m in enumerate(moes) for logits, idx in m.pending_stats]
     for m in moes:
         m.pending_stats = []
     counts = torch.zeros(len(moes) * N, dtype=torch.long, device=device)
     entropy = torch.zeros(len(moes), dtype=torch.float64, device=device)
+    counted = [(i, m) for i, m in enumerate(moes) if m.kernel_counted]
+    if counted:
+        rows = torch.tensor([i for i, _ in counted], device=device)
+        counts.view(len(moes), N).index_add_(0, rows, torch.stack([m.kernel_counts for _, m in counted]))
+        entropy.index_add_(0, rows, torch.cat([m.kernel_entropy for _, m in counted]))
+        torch._foreach_zero_([t for _, m in counted for t in (m.kernel_counts, m.kernel_entropy)])
+        for _, m in counted:
+            m.kernel_counted = False
     if not records:
         return counts.view(len(moes), N), entropy
     layer = torch.tensor([i for i, _, _ in records], device=device)
@@ -94,6 +104,9 @@ class MoEFFN(nn.Module):
         # path; untuned, `sorted_path` (path_for).
         self.set_top_k(top_k)
         self.collect_stats = True
+        # Let the C kernel count tokens per expert and router entropy itself (`routed`): engines
+        # turn it on for forwards without padding rows (decode steps), which records would drop.
+        self.stats_in_kernel = False
         self.time_experts = False
         # Engine hook: keep the last forward's expert choices (per-request routing traces).
         self.record_routing = False
@@ -212,6 +225,9 @@ class MoEFFN(nn.Module):
         with torch.inference_mode(False):
             self._token_counts = torch.zeros(self.num_experts, dtype=torch.long, device=device)
             self._entropy_sum = torch.zeros((), dtype=torch.float64, device=device)
+            self.kernel_counts = torch.zeros(self.num_experts, dtype=torch.long, device=device)
+            self.kernel_entropy = torch.zeros(1, dtype=torch.float64, device=device)
+        self.kernel_counted = False  # since the last routing_stats
         self.pending_stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logits, idx) per forward
         self.expert_seconds = [0.0] * self.num_experts
         self.expert_events: list = []  # CUDA: (expert, start, end) events, resolved later
@@ -275,9 +291,10 @@ class MoEFFN(nn.Module):
             self.record(logits, idx)
         return logits, idx, None if weights is None else weights.to(dtype)
 
-    def record(self, logits: torch.Tensor, idx: torch.Tensor) -> None:
-        """Keep an inference forward's routing for `routing_stats` (and the engine's traces)."""
-        if self.collect_stats:
+    def record(self, logits: torch.Tensor, idx: torch.Tensor, counted: bool = False) -> None:
+        """Keep an inference forward's routing for `routing_stats` (and the engine's traces);
+        `counted`: the C kernel has already counted it."""
+        if self.collect_stats and not counted:
             if len(self.pending_stats) >= MAX_PENDING:
                 self._fold_stats()
             self.pending_stats.append((logits.detach(), idx))
@@ -301,10 +318,13 @@ class MoEFFN(nn.Module):
         `pack`) routes in its own matmul; `native` routes in its C call, shared groups included."""
         if path == "native":
             seconds = torch.zeros(self.num_experts, dtype=torch.float64) if self.time_experts else None
-            out, logits, idx = self.native(x, self.top_k, seconds)
+            in_kernel = self.collect_stats and self.stats_in_kernel
+            stats = (self.kernel_counts, self.kernel_entropy) if in_kernel else (None, None)
+            out, logits, idx = self.native(x, self.top_k, seconds, *stats)
             if seconds is not None:
                 self.expert_seconds = [a + b for a, b in zip(self.expert_seconds, seconds.tolist())]
-            self.record(logits, idx)
+            self.kernel_counted |= in_kernel
+            self.record(logits, idx, counted=in_kernel)
             return out
         if path == "masked" and self.router_packed:
             out = self.packed[0](x)

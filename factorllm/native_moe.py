@@ -89,10 +89,13 @@ static inline __attribute__((always_inline)) void tile_down(
    logits: [T, N] fp32 out; idx: [T, K] int64 out. gate_mode 0: each chosen expert counts once;
    1: times `scale`; 2: K times the softmax of the chosen logits. Shared groups count once.
    seconds: NULL, or [N] fp64 to which each routed expert's compute time is added (the seconds
-   the threads spent on its gate/up and down work, summed over threads). */
+   the threads spent on its gate/up and down work, summed over threads). counts ([N] int64) and
+   entropy ([1] fp64): NULL, or routing statistics to add to: tokens per expert, and the sum over
+   the tokens of the router's entropy (nats). */
 void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *gate_up,
                       const uint16_t *down, uint16_t *out, float *logits, int64_t *idx,
-                      int T, int H, int N, int S, int E, int K, int gate_mode, float scale, double *seconds) {
+                      int T, int H, int N, int S, int E, int K, int gate_mode, float scale, double *seconds,
+                      int64_t *counts, double *entropy) {
     enum { NCOLS = 48 };  /* output columns per down-projection work item */
     const int G = N + S, H2 = H / 2, E2 = E / 2, EB = E / 16, P = T * (K + S);
     const uint32_t *x32 = (const uint32_t *)x;
@@ -105,6 +108,7 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
         float *xf = malloc(sizeof(float) * H);
         char *taken = calloc(N, 1);
         double *spent = seconds ? calloc(G, sizeof(double)) : NULL;  /* this thread's, per group */
+        double nats = 0.0;
         #pragma omp for schedule(static)
         for (int t = 0; t < T; t++) {         /* router logits, top-k and gate weights */
             for (int h = 0; h < H; h++) xf[h] = bf16_to_f32(x[(int64_t)t * H + h]);
@@ -126,6 +130,12 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
                 wt[j] = gate_mode == 1 ? scale : 1.f;
             }
             for (int j = 0; j < K; j++) taken[it[j]] = 0;
+            if (entropy) {                    /* log Z - sum p l, with l shifted by the top logit */
+                const float top = lt[it[0]];
+                float z = 0.f, pl = 0.f;
+                for (int n = 0; n < N; n++) { const float p = expf(lt[n] - top); z += p; pl += p * (lt[n] - top); }
+                nats += logf(z) - pl / z;
+            }
             if (gate_mode == 2) {
                 for (int j = 0; j < K; j++) { wt[j] = expf(lt[it[j]] - lt[it[0]]); sum += wt[j]; }
                 for (int j = 0; j < K; j++) wt[j] *= K / sum;
@@ -134,6 +144,7 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
         #pragma omp single
         {                                     /* (token, expert) pairs sorted by expert */
             for (int i = 0; i < T * K; i++) count[idx[i] + 1]++;
+            if (counts) for (int e = 0; e < N; e++) counts[e] += count[e + 1];
             start[0] = 0;
             for (int e = 0; e < G; e++) start[e + 1] = start[e] + (e < N ? count[e + 1] : T);
             for (int e = 0; e < G; e++) count[e] = start[e];
@@ -191,6 +202,10 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
             for (int t = 0; t < T; t++)
                 for (int c = 0; c < 16 * NC; c++) out[(int64_t)t * H + 16 * hb + c] = f32_to_bf16(y[(int64_t)t * NCOLS + c]);
         }
+        if (entropy) {
+            #pragma omp atomic
+            *entropy += nats;
+        }
         if (spent) {
             #pragma omp critical
             for (int e = 0; e < N; e++) seconds[e] += spent[e];
@@ -209,7 +224,7 @@ void moe_forward_bf16(const uint16_t *x, const float *router, const uint16_t *ga
 def load() -> ctypes.CDLL | None:
     """The compiled library where this CPU has AVX512-BF16, else None."""
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    return native.bf16_library("moe", SOURCE, "moe_forward_bf16", [ptr] * 7 + [i32] * 7 + [ctypes.c_float, ptr])
+    return native.bf16_library("moe", SOURCE, "moe_forward_bf16", [ptr] * 7 + [i32] * 7 + [ctypes.c_float] + [ptr] * 3)
 
 
 @dataclass
@@ -221,11 +236,15 @@ class NativeMoE:
     shared_groups: int
     gate_mode: int
 
-    def __call__(self, x: torch.Tensor, top_k: int,
-                 seconds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, top_k: int, seconds: torch.Tensor | None = None,
+                 counts: torch.Tensor | None = None,
+                 entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's output [T, H] (bf16), router logits [T, N] (fp32) and chosen experts [T, K]
-        for x [T, H]; `seconds` ([N] fp64), when given, gets each routed expert's compute time
-        added (thread-seconds: what the `looped` path's per-expert timing costs a whole slow step)."""
+        for x [T, H]. Each of these, when given, gets added to: `seconds` ([N] fp64) each routed
+        expert's compute time (thread-seconds: what the `looped` path's per-expert timing costs a
+        whole slow step), `counts` ([N] int64) tokens per expert, `entropy` ([1] fp64) the router's
+        entropy summed over the tokens (what `routing_stats` computes from the logits, ~1 ms a
+        step of the default model in torch ops)."""
         T, H = x.shape
         N, E = self.router.shape[0], self.down.shape[2] * 2
         scale = N / top_k if top_k else 1.0  # (no routed experts: a dense FFN)
@@ -236,7 +255,7 @@ class NativeMoE:
         load().moe_forward_bf16(x.data_ptr(), self.router.data_ptr(), self.gate_up.data_ptr(), self.down.data_ptr(),
                                 out.data_ptr(), logits.data_ptr(), idx.data_ptr(),
                                 T, H, N, self.shared_groups, E, top_k, self.gate_mode, scale,
-                                None if seconds is None else seconds.data_ptr())
+                                *(None if t is None else t.data_ptr() for t in (seconds, counts, entropy)))
         return out, logits, idx
 
 

@@ -683,6 +683,7 @@ class Engine:
             self.num_decode_only_steps += 1
         for m in self.moes:
             m.collect_stats = bool(self.step_listeners)
+            m.stats_in_kernel = decode_only  # a prefill's padding rows come out of the records
             m.time_experts = timing
             m.record_routing = record
         return timing

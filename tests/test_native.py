@@ -1,7 +1,7 @@
 """The C kernels on real layers of the default model. The MoE kernel (factorllm/native_moe.py):
 the same routing and, within bf16 rounding, the same output as the fp32 layer; each token's output
-independent of its batch; routing statistics kept; its own per-expert timing on timed steps;
-offered only where it runs. The linear kernel
+independent of its batch; routing statistics kept, or counted by the kernel itself alike; its
+own per-expert timing on timed steps; offered only where it runs. The linear kernel
 (factorllm/native_linear.py): F.linear's result within bf16 rounding at any row count. The
 RMSNorm (factorllm/native_norm.py): torch's result exactly."""
 from __future__ import annotations
@@ -76,6 +76,25 @@ def test_a_plan_that_takes_native_serves_it_and_keeps_the_statistics(default_mod
     idx = bf16.pending_stats[-1][1]
     counts, _ = routing_stats([bf16])
     assert torch.equal(counts[0], 2 * torch.bincount(idx.flatten(), minlength=8))
+
+
+@needs_kernel
+def test_the_kernel_counts_what_the_records_would(default_model):
+    _, bf16 = layers(default_model, 8, 2)
+    x = torch.randn(10, 576, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with torch.no_grad():
+        for stats_in_kernel in (False, True):
+            bf16.stats_in_kernel = stats_in_kernel
+            bf16.routed("native", x)
+            bf16.routed("native", x[:3])
+            assert len(bf16.pending_stats) == (0 if stats_in_kernel else 2)
+            counts, entropy = routing_stats([bf16])
+            if not stats_in_kernel:
+                want_counts, want_entropy = counts, entropy
+    assert torch.equal(counts, want_counts) and counts.sum() == 13 * 2
+    torch.testing.assert_close(entropy, want_entropy, rtol=1e-5, atol=0)
+    counts, entropy = routing_stats([bf16])  # used up
+    assert counts.sum() == 0 and entropy.sum() == 0
 
 
 @needs_kernel
