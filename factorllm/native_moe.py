@@ -241,10 +241,10 @@ class NativeMoE:
                  entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's output [T, H] (bf16), router logits [T, N] (fp32) and chosen experts [T, K]
         for x [T, H]. Each of these, when given, gets added to: `seconds` ([N] fp64) each routed
-        expert's compute time (thread-seconds: what the `looped` path's per-expert timing costs a
-        whole slow step), `counts` ([N] int64) tokens per expert, `entropy` ([1] fp64) the router's
-        entropy summed over the tokens (what `routing_stats` computes from the logits, ~1 ms a
-        step of the default model in torch ops)."""
+        expert's compute time in thread-seconds (so that steps that time the experts need not run
+        them one by one), `counts` ([N] int64) tokens per expert, `entropy` ([1] fp64) the router's
+        entropy summed over the tokens (what `routing_stats` would compute from the logits in
+        torch ops, ~1 ms a step of the default model)."""
         T, H = x.shape
         N, E = self.router.shape[0], self.down.shape[2] * 2
         scale = N / top_k if top_k else 1.0  # (no routed experts: a dense FFN)
