@@ -96,19 +96,18 @@ class NeuronRoutedFFN(nn.Module):
         return self.mlp.down_proj(self.kept_hidden(x))
 
 
-def configure(dense: list[GatedMLP], inputs: list[torch.Tensor], fraction: float, rank: int | None,
-              shared_fraction: float) -> tuple[list[nn.Module], dict]:
+def configure(dense: list[GatedMLP], inputs: list[torch.Tensor], moments: list[torch.Tensor], fraction: float,
+              rank: int | None, shared_fraction: float) -> tuple[list[nn.Module], dict]:
     """Every layer as a NeuronRoutedFFN and the FLOP accounting of the configuration (multiply-adds
     per token, summed over layers, against the dense FFNs')."""
     layers, active, predictor, dense_macs = [], 0, 0, 0
-    for mlp, x in zip(dense, inputs):
+    for mlp, x, moment in zip(dense, inputs, moments):
         inter, hid = mlp.gate_proj.out_features, mlp.gate_proj.in_features
         n_shared, k = round(shared_fraction * inter), round(fraction * inter) - round(shared_fraction * inter)
         shared = contributions(mlp, mlp.hidden(x)).topk(k + n_shared, dim=-1).indices.flatten().bincount(
             minlength=inter).topk(n_shared).indices if n_shared else torch.zeros(0, dtype=torch.long)
         layer = NeuronRoutedFFN(mlp, k, shared, None)
         if rank is not None:
-            moment = x.double().T @ x.double()
             gate, up = (p.weight[layer.routed] for p in (mlp.gate_proj, mlp.up_proj))
             layer.router = (*whitened_low_rank(gate, moment, rank), *whitened_low_rank(up, moment, rank))
             predictor += 2 * rank * (hid + layer.routed.numel())
@@ -161,12 +160,13 @@ def main() -> None:
         tokens = text_tokens(loaded.tokenizer, text, args.ppl_tokens)
         calib = calibration_tokens(model, loaded.tokenizer, args.calib, args.calib_seqs, 256)
         inputs = ffn_inputs(model, calib)
+        moments = [x.double().T @ x.double() for x in inputs]  # each layer's, once for every rank
         dense_ppl = perplexity(model, tokens)["ppl"]
         rows = []
         grid = [(f, None, s) for f in args.fractions for s in args.shared[:1]]
         grid += [(f, r, s) for f in args.fractions for r in args.ranks for s in args.shared if s < f]
         for fraction, rank, shared in tqdm(grid, desc="configurations"):
-            layers, flops = configure(dense, inputs, fraction, rank, shared)
+            layers, flops = configure(dense, inputs, moments, fraction, rank, shared)
             for block, layer in zip(model.layers, layers):
                 block.mlp = layer
             ppl = perplexity(model, tokens, progress=False)["ppl"]
